@@ -1,0 +1,159 @@
+"""Building blocks shared by the models: initialisers, norms, scale-offset and rotary positions.
+
+Parameters carry *logical* axis names (`nn.with_logical_partitioning`); the training config maps
+them to mesh axes, so no model code names a mesh axis.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Initializer = Callable[..., jax.Array]
+
+# Post 8990 (https://kexue.fm/archives/8990): N(0, 0.02²) weights keep a residual GAU close to
+# the identity at initialisation, which is what lets deep GAU stacks train without warm-up tricks.
+DEFAULT_KERNEL_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def partitioned(init: Initializer, names: Sequence[str | None]) -> Initializer:
+    """`init` whose parameter is annotated with logical axis `names`."""
+    return nn.with_logical_partitioning(init, tuple(names))
+
+
+class Projection(nn.Module):
+    """`x W + b` with a kernel of shape `[in, *features]` whose axes have logical names.
+
+    Like `nn.DenseGeneral`, but the kernel is created in its final shape, so its logical
+    partitioning applies to the real array (DenseGeneral creates a flat kernel and reshapes it).
+
+    Args: x `[..., in]`. Returns `[..., *features]`.
+    """
+
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    kernel_init: Initializer = DEFAULT_KERNEL_INIT
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (x.shape[-1],) + tuple(self.features)
+        kernel = self.param("kernel", partitioned(self.kernel_init, self.kernel_axes), shape, self.param_dtype)
+        letters = "abcdefgh"[:len(self.features)]
+        y = jnp.einsum(f"...z,z{letters}->...{letters}", x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", partitioned(nn.initializers.zeros, self.kernel_axes[1:]),
+                              tuple(self.features), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, `x / rms(x) * scale` (scale optional: GAU-α uses none)."""
+
+    epsilon: float = 1e-6
+    use_scale: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        if self.use_scale:
+            scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                               self.param_dtype)
+            y = y * scale
+        return y.astype(self.dtype)
+
+
+class ScaleNorm(nn.Module):
+    """ScaleNorm (Nguyen & Salazar 2019; used by FLASH): `g · x / ‖x‖` with one learned scalar g = √d init."""
+
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        g = self.param("scale", partitioned(nn.initializers.constant(x.shape[-1] ** 0.5), ()), (),
+                       self.param_dtype)
+        norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
+        return (g * x32 / jnp.maximum(norm, self.epsilon)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32, with logically named scale and bias."""
+
+    epsilon: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return nn.LayerNorm(epsilon=self.epsilon, dtype=self.dtype, param_dtype=self.param_dtype,
+                            scale_init=partitioned(nn.initializers.ones, ("norm",)),
+                            bias_init=partitioned(nn.initializers.zeros, ("norm",)))(x)
+
+
+NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "layernorm": LayerNorm, "scalenorm": ScaleNorm}
+
+
+class ScaleOffset(nn.Module):
+    """`num` per-dimension scale-offsets of one shared input: `z ⊙ γ_h + β_h`, h = 1..num.
+
+    GAU derives Q and K (num=2) and FLASH Q_quad, K_quad, Q_lin, K_lin (num=4) from one Z this way
+    (Hua et al. 2022, arXiv 2202.10447, Sec. 2; γ ~ N(0, 0.02²) and β = 0 as in the paper's code).
+
+    Args: z `[..., s]`. Returns `[num, ..., s]`.
+    """
+
+    num: int
+    use_bias: bool = True
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        s = z.shape[-1]
+        gamma = self.param("gamma", partitioned(DEFAULT_KERNEL_INIT, (None, "qk")), (self.num, s),
+                           self.param_dtype)
+        out = z[None] * gamma.reshape((self.num,) + (1,) * (z.ndim - 1) + (s,)).astype(z.dtype)
+        if self.use_bias:
+            beta = self.param("beta", partitioned(nn.initializers.zeros, (None, "qk")), (self.num, s),
+                              self.param_dtype)
+            out = out + beta.reshape((self.num,) + (1,) * (z.ndim - 1) + (s,)).astype(z.dtype)
+        return out
+
+
+def rope_tables(positions: jax.Array, dim: int, *, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+    """Rotary-position sin and cos tables, computed once per forward pass and shared by all layers.
+
+    Angles `m · θ_i` with `θ_i = base^{-2i/dim}` are computed in float32: bfloat16 cannot hold
+    positions above 256 exactly (Su et al., RoFormer, arXiv 2104.09864; https://kexue.fm/archives/8265).
+
+    Args: positions `[..., n]` (integers, global positions). Returns (sin, cos), each `[..., n, dim/2]` float32.
+    """
+    if dim % 2:
+        raise ValueError(f"rotary dimension must be even, got {dim}")
+    inv_freq = base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """Rotate pairs `(x_i, x_{i+dim/2})` by the tabulated angles; `(R_m q)ᵀ(R_n k) = qᵀ R_{n−m} k`.
+
+    The half-split pairing (rather than adjacent pairs) is the same rotation up to a fixed permutation
+    of dimensions, and needs no interleaving reshape. Computed in float32, returned in x's dtype.
+
+    Args: x `[batch, n, dim]`; sin, cos `[n, dim/2]` or `[batch, n, dim/2]`.
+    """
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)

@@ -1,0 +1,31 @@
+"""kexue-jax: GAU/FLASH, diffusion and the losses of Scientific Spaces (kexue.fm) in JAX/Flax."""
+from setuptools import setup
+
+setup(
+    name="kexue-jax",
+    version="0.1.0",
+    description="JAX/Flax research code for the ideas of Su Jianlin's Scientific Spaces posts.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=["models", "losses", "train_lib", "experiments"],
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "ml_collections>=1.1,<2",
+        "chex>=0.1.92,<0.2",
+        "grain>=0.2.18,<0.3",
+        "numpy>=2.0,<3",
+        "tensorboardX>=2.6,<3",
+        "tqdm>=4.66,<5",
+        "absl-py>=2.1,<3",
+        "scikit-learn>=1.5,<2",
+        "scipy>=1.13,<2",
+        "matplotlib>=3.9,<4",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "hypothesis>=6.100,<7"],
+    },
+)

@@ -1,0 +1,19 @@
+"""Test set-up: 8 fake CPU devices, set before JAX initialises its backends."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+
+jax.config.update("jax_threefry_partitionable", True)
+
+# A persistent compilation cache shared by all tests (and the CLI subprocesses they start, through
+# the environment): runs that compile the same step reuse it instead of compiling again.
+import tempfile  # noqa: E402
+
+_CACHE_DIR = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                                   os.path.join(tempfile.gettempdir(), "kexue-jax-test-compilation-cache"))
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)

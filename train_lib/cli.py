@@ -1,0 +1,91 @@
+"""Shared command-line plumbing: flag parsing with one-line errors, logging and jax.distributed set-up."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from typing import Callable, NoReturn
+
+from absl import flags
+
+from train_lib.config_lib import ConfigError
+
+# Environment variables that mean "this process is one of several in a TPU pod or SLURM job":
+# there jax.distributed.initialize() discovers the coordinator by itself.
+_CLUSTER_ENV = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "SLURM_NTASKS")
+
+
+def define_distributed_flags() -> None:
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for multi-process runs.")
+    flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
+    flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
+    flags.DEFINE_integer("initialization_timeout", 300,
+                         "Seconds to wait for the other processes before giving up (multi-process runs).")
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def _override_hint(error: Exception, argv: list[str]) -> str:
+    """One line for a --config.KEY=VALUE override whose key does not exist, keeping ml_collections' suggestion."""
+    text = str(error.args[0] if error.args else error)
+    text = " ".join(text.replace("\\n", " ").replace("\\'", "'").split())
+    match = re.search(r"'([^'\s]+)'", text)
+    key = match.group(1) if match else text
+    suggestion = re.search(r'Did you mean "([^"]+)"', text)
+    offending = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0]), None)
+    where = f" in {offending}" if offending else ""
+    hint = f" (did you mean '{suggestion.group(1)}'?)" if suggestion else ""
+    return f"config: unknown key '{key}'{where}{hint}; the config is locked, so only existing keys can be overridden"
+
+
+def parse_flags(argv: list[str]) -> None:
+    """Parses absl flags, turning any flag or config-override error into one line and exit status 2."""
+    try:
+        flags.FLAGS(argv)
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        if any(line.startswith("Traceback") for line in lines):  # an exception raised inside get_config
+            lines = [lines[0], lines[-1]]
+        fail(" ".join(lines).replace("flag --config.", "config: --config."))
+    except (AttributeError, KeyError) as e:
+        fail(_override_hint(e, argv))
+    except (TypeError, ValueError) as e:
+        fail(f"config: {e}")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("train_lib").setLevel(logging.INFO)
+    for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def initialize_distributed() -> None:
+    """jax.distributed from explicit flags, or auto-detected on TPU pods and SLURM; nothing otherwise."""
+    import jax
+
+    f = flags.FLAGS
+    explicit = (f.coordinator_address, f.num_processes, f.process_id)
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            fail("--coordinator_address, --num_processes and --process_id must be given together")
+        if not 0 <= f.process_id < f.num_processes:
+            fail(f"--process_id must be in [0, {f.num_processes}), got {f.process_id}")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+                                   process_id=f.process_id, initialization_timeout=f.initialization_timeout)
+    elif any(os.environ.get(name) for name in _CLUSTER_ENV):
+        jax.distributed.initialize()
+
+
+def run_guarded(body: Callable[[], None]) -> None:
+    """Runs `body`, reporting ConfigError (exit 2) as one line without a traceback."""
+    try:
+        body()
+    except ConfigError as e:
+        fail(str(e))

@@ -1,0 +1,56 @@
+"""Train an experiment: `python -m train_lib.main --config=experiments/gau_lm.py:tiny --workdir=runs/x`.
+
+Override any config value with `--config.key=value` (the config is locked: a misspelled key is an
+error). A workdir that already has checkpoints is resumed from the newest one. Multi-process runs
+add `--coordinator_address=host:port --num_processes=N --process_id=i` (auto-detected on TPU pods).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from train_lib import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/gau_lm.py:tiny.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard logs.")
+_STOP_AT_STEP = flags.DEFINE_integer("stop_at_step", None, "Checkpoint and exit after this step (the schedule "
+                                     "still follows total_steps); rerun the same command to continue.")
+cli.define_distributed_flags()
+
+
+def main(argv: list[str]) -> None:
+    cli.parse_flags(argv)
+    if not _WORKDIR.value:
+        cli.fail("--workdir is required: the directory for checkpoints, metrics and logs")
+    if flags.FLAGS["config"].present == 0:
+        cli.fail("--config is required, e.g. --config=experiments/gau_lm.py:tiny")
+    config_arg = flags.FLAGS["config"].serialize().split("=", 1)[-1]
+    config_file = config_arg.split(":", 1)[0]
+    if not os.path.isfile(config_file):
+        cli.fail(f"config: experiment file {config_file!r} does not exist; see experiments/ for the available ones")
+    try:
+        config = _CONFIG.value
+        config.get("task")
+    except Exception as e:  # raised while building the config, e.g. an unknown variant
+        cause = e.__cause__ or e
+        cli.fail(f"config: cannot load {config_arg!r}: {' '.join(str(cause).split())}")
+    cli.setup_logging()
+    cli.initialize_distributed()
+
+    from train_lib import trainer  # imported after jax.distributed is initialised
+
+    def body():
+        try:
+            trainer.train_and_evaluate(config, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
+        except trainer.NonFiniteLossError as e:
+            cli.fail(str(e), code=1)
+
+    cli.run_guarded(body)
+
+
+if __name__ == "__main__":
+    main(sys.argv)

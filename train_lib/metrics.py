@@ -1,0 +1,76 @@
+"""Metric outputs of a run: `metrics.jsonl`, TensorBoard events and the console progress bar.
+
+Only process 0 writes. Each line of `metrics.jsonl` is one JSON object with `step`, `split`
+('train' or 'eval') and the metric values, so a run is read back with one line of pandas:
+`pd.read_json('metrics.jsonl', lines=True)`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+from typing import Any
+
+import tqdm
+
+
+def _plain(value: Any) -> Any:
+    value = float(value) if hasattr(value, "__float__") else value
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+class MetricsWriter:
+    """Appends metrics to `workdir/metrics.jsonl` and `workdir/tensorboard/` (process 0 only)."""
+
+    def __init__(self, workdir: pathlib.Path, *, enabled: bool):
+        self.enabled = enabled
+        self.path = workdir / "metrics.jsonl"
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter  # imported lazily: a heavy import other processes skip
+            self._tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def truncate_after(self, step: int) -> None:
+        """Drops rows past `step`: after resuming from a checkpoint at `step` they would be logged twice."""
+        if not self.enabled or not self.path.exists():
+            return
+        rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(row + "\n" for row in rows))
+
+    def write(self, step: int, split: str, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": split, **{k: _plain(v) for k, v in values.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for key, value in row.items():
+            if key not in ("step", "split") and isinstance(value, (int, float)):
+                self._tb.add_scalar(f"{split}/{key}", value, step)
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+class ProgressBar:
+    """tqdm bar over steps with loss, step rate, throughput and ETA (process 0 only)."""
+
+    def __init__(self, *, total: int, initial: int, unit: str, enabled: bool):
+        interactive = sys.stderr.isatty()
+        self._bar = tqdm.tqdm(total=total, initial=initial, unit="step", disable=not enabled, dynamic_ncols=True,
+                              smoothing=0.1, mininterval=0.1 if interactive else 30.0)
+        self._unit = unit
+
+    def update(self, steps: int = 1) -> None:
+        self._bar.update(steps)
+
+    def show(self, loss: float, throughput: float) -> None:
+        self._bar.set_postfix_str(f"loss={loss:.4f} {self._unit}/s={throughput:,.0f}")
+
+    def write(self, message: str) -> None:
+        self._bar.write(message)
+
+    def close(self) -> None:
+        self._bar.close()
