@@ -60,6 +60,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.ema_decay = 0.999
     config.final_sample_tokens = 200  # bytes of text sampled and printed at the end (0: none)
     config.skip_nonfinite_steps = False  # True: skip a step whose loss/gradient is NaN/Inf and go on
+    config.start_fresh_if_checkpoints_unusable = False  # True: train from scratch if no checkpoint loads
 
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
     config.logical_axis_rules = LOGICAL_AXIS_RULES

@@ -1,14 +1,25 @@
-"""Orbax checkpoints of the train state and the grain iterator position (after MaxText's checkpointing.py).
+"""Orbax checkpoints of the train state and the data position (after MaxText's checkpointing.py).
 
 Each step directory holds two items: `state` (parameters, optimizer state, EMA, step, RNG; sharded
-arrays, saved asynchronously) and `data` (each process's grain iterator state). Orbax writes a step
-into a temporary directory and renames it when complete, so an interrupted save never looks like a
-checkpoint; `restore_latest` starts from the newest step directory.
+arrays, saved asynchronously) and `data` (the grain iterator state as JSON). The iterator state is the
+same on every process (each reads its rows of the same global batches), so process 0 writes it once and
+any topology — another device count, another process count — restores it.
+
+Orbax writes a step into a temporary directory and renames it when complete, so a save interrupted by a
+kill never looks like a checkpoint. A checkpoint that is damaged anyway (truncated or missing files) is
+moved to `<workdir>/damaged_checkpoints/` with a warning, and the previous one is used.
 """
 from __future__ import annotations
 
 import logging
 import pathlib
+import contextlib
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
 from typing import Any
 
 import grain
@@ -16,7 +27,6 @@ import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
-
 
 # Replica-parallel saving splits each replicated array across its replicas so that they write in
 # parallel. That pays for large arrays on many hosts; for small ones it only costs a compiled slice
@@ -29,8 +39,48 @@ ocp.type_handlers.register_type_handler(
 logging.getLogger("absl").disabled = False
 
 
+# Pieces of the "Event loop is closed" tracebacks; several threads print them at once, interleaved
+# even within lines, so they are removed piece by piece and the lines left empty dropped.
+_CLOSED_LOOP_PIECES = re.compile(
+    r"Traceback \(most recent call last\):|File \"[^\"]*asyncio/base_events\.py\", line \d+, in \w+|"
+    r"self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)|RuntimeError: |Event loop is closed")
+
+
+@contextlib.contextmanager
+def _without_closed_loop_tracebacks():
+    """Drops the tracebacks that TensorStore prints while a damaged checkpoint fails to restore.
+
+    When one array of a damaged checkpoint fails to read, Orbax closes its event loop while reads of
+    other arrays are still finishing on TensorStore threads; their callbacks then fail and print
+    'RuntimeError: Event loop is closed' tracebacks straight to file descriptor 2 (not through
+    sys.excepthook). The failure itself is reported by `restore_newest_usable` as one warning, so
+    fd 2 is captured for the duration of the restore and replayed without those lines.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            time.sleep(1.0)  # let the reads still in flight finish (and fail) while fd 2 is captured
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = _CLOSED_LOOP_PIECES.sub("", captured.read().decode("utf-8", "replace"))
+            sys.stderr.write("".join(line for line in text.splitlines(keepends=True) if line.strip()))
+            sys.stderr.flush()
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint, or a checkpoint could not be written."""
+
+
 class Checkpointer:
-    """A `CheckpointManager` over `workdir/checkpoints` that saves and restores state plus data position."""
+    """A `CheckpointManager` over `directory` that saves and restores state plus data position."""
 
     def __init__(self, directory: str | pathlib.Path, *, keep: int, async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
@@ -42,23 +92,69 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None) -> None:
-        """Starts an asynchronous save of `state` (and the iterator position) at `step`."""
+        """Starts an asynchronous save of `state` (and the iterator position) at `step`.
+
+        The arrays are copied to host memory before this returns, so the caller may donate `state`.
+        """
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+            items["data"] = ocp.args.JsonSave(data_iterator.get_state())
+        try:
+            self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # disk full, directory removed or made read-only, ...
+            raise CheckpointError(f"could not write checkpoint {self.directory / str(step)}: {e}; the previous "
+                                  "checkpoints are untouched") from e
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         """The state at `step`, laid out as `abstract_state`'s shardings; moves `data_iterator` in place."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+            items["data"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        log.info("restored checkpoint %s", self.directory / str(step))
+        if data_iterator is not None:
+            data_iterator.set_state(restored["data"])
         return restored["state"]
 
+    def restore_newest_usable(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
+        """Restores the newest checkpoint that loads; damaged newer ones are moved aside with a warning.
+
+        Returns None if there are no checkpoints; raises CheckpointError if there are some but none loads.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                with _without_closed_loop_tracebacks():
+                    state = self.restore(step, abstract_state, data_iterator)
+            except Exception as e:  # truncated or missing files surface as many exception types
+                log.warning("checkpoint %s is damaged (%s: %s); moving it to damaged_checkpoints/ and trying "
+                            "the previous one", self.directory / str(step), type(e).__name__,
+                            " ".join(str(e).split())[:300])
+                self._move_aside(step)
+                continue
+            log.info("restored checkpoint %s", self.directory / str(step))
+            return state
+        if steps:
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} could be restored (moved to "
+                                  f"{self.directory.parent / 'damaged_checkpoints'}); set "
+                                  "--config.start_fresh_if_checkpoints_unusable=True to train from scratch instead")
+        return None
+
+    def _move_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            target = self.directory.parent / "damaged_checkpoints" / f"{step}-{int(time.time())}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(self.directory / str(step)), str(target))
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
+
     def wait_until_finished(self) -> None:
-        self.manager.wait_until_finished()
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"an asynchronous checkpoint write in {self.directory} failed: {e}; the previous "
+                                  "checkpoints are untouched") from e
 
     def close(self) -> None:
         self.manager.close()

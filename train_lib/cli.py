@@ -25,8 +25,14 @@ def define_distributed_flags() -> None:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
+    """Prints `error: message` and exits at once with `code`.
+
+    `os._exit` skips interpreter teardown, where background threads of Orbax and TensorStore that an
+    aborted restore leaves behind can print tracebacks about closed event loops.
+    """
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(code)
+    sys.stdout.flush()
+    os._exit(code)
 
 
 def _override_hint(error: Exception, argv: list[str]) -> str:

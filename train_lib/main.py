@@ -41,12 +41,12 @@ def main(argv: list[str]) -> None:
     cli.setup_logging()
     cli.initialize_distributed()
 
-    from train_lib import trainer  # imported after jax.distributed is initialised
+    from train_lib import checkpointing, trainer  # imported after jax.distributed is initialised
 
     def body():
         try:
             trainer.train_and_evaluate(config, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
-        except trainer.NonFiniteLossError as e:
+        except (trainer.NonFiniteLossError, checkpointing.CheckpointError) as e:
             cli.fail(str(e), code=1)
 
     cli.run_guarded(body)

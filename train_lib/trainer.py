@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train_lib import checkpointing, config_lib, optim, sharding, tasks
+from train_lib import checkpointing, config_lib, optim, preemption, sharding, tasks
 from train_lib.metrics import MetricsWriter, ProgressBar
 
 log = logging.getLogger(__name__)
@@ -176,13 +176,19 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
         # Initialise (sharded from the start) or restore the newest checkpoint.
         # ------------------------------------------------------------------------------------------
         checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-        latest = checkpointer.latest_step()
-        if latest is None:
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_shardings)
+        try:
+            state = checkpointer.restore_newest_usable(abstract, train_iter)
+        except checkpointing.CheckpointError:
+            if not config.get("start_fresh_if_checkpoints_unusable", False):
+                checkpointer.close()  # stops Orbax's background threads before the process exits
+                raise
+            log.warning("no usable checkpoint; starting from scratch as start_fresh_if_checkpoints_unusable asks")
+            state = None
+        resumed = state is not None
+        if state is None:
             state = jax.jit(init_fn, out_shardings=state_shardings)(rng, spec_batch)
-        else:
-            abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                    abstract_state, state_shardings)
-            state = checkpointer.restore(latest, abstract, train_iter)
         start_step = int(state.step)
         metrics_writer = MetricsWriter(workdir, enabled=is_main)
         metrics_writer.truncate_after(start_step)
@@ -191,7 +197,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
                          jax.devices()[0].platform, jax.process_count(), mesh_shape)
             log.info("model: %s, %s parameters; data: %s (fingerprint %s)", config.model.name,
                          f"{num_params:,}", data_info["data"], data_info["data_fingerprint"])
-            log.info("%s at step %d", "resuming" if latest is not None else "starting", start_step)
+            log.info("%s at step %d", "resuming" if resumed else "starting", start_step)
 
         # ------------------------------------------------------------------------------------------
         # Jitted steps with explicit shardings; the state is donated (updated in place).
@@ -217,11 +223,13 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
         # ------------------------------------------------------------------------------------------
         progress = ProgressBar(total=config.total_steps, initial=start_step, unit=task.throughput_unit,
                                enabled=is_main)
+        watcher = preemption.PreemptionWatcher().__enter__()
         pending: list[dict[str, jax.Array]] = []  # device metrics since the last log
         previous = None  # the last step's metrics, checked for non-finite values one step later
         eval_results: dict[str, float] = {}
         timer_start, timer_steps = None, 0
         last_step = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
+        preempted_by = None
         try:
             for step in range(start_step + 1, last_step + 1):
                 state, metrics = jit_train_step(state, make_batch(next(train_iter)))
@@ -252,24 +260,33 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
                     eval_results = run_eval(step)
                     progress.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in eval_results.items()))
                     timer_start, timer_steps = time.perf_counter(), 0
-                if step % config.checkpoint_every_steps == 0 or step == last_step:
+                stop_now = watcher.should_stop(step)
+                if step % config.checkpoint_every_steps == 0 or step == last_step or stop_now:
                     _check_finite(metrics, step, config)  # never checkpoint a step that failed
                     checkpointer.save(step, state, train_iter)
+                if stop_now:
+                    preempted_by, last_step = watcher.signal_name, step
+                    break
             if previous is not None:
                 _check_finite(previous, last_step, config)
         finally:
             # ------------------------------------------------------------------------------------------
             # Wait for the asynchronous checkpoint writes (also when stopping on an error).
             # ------------------------------------------------------------------------------------------
+            watcher.__exit__()
             progress.close()
             checkpointer.wait_until_finished()
             checkpointer.close()
             metrics_writer.close()
+        if preempted_by:
+            log.warning("%s: stopped after step %d with a checkpoint; rerun the same command to continue",
+                        preempted_by, last_step)
+            return {"eval": eval_results, "step": last_step, "preempted": True}
         if is_main and last_step == config.total_steps:
             report = task.final_report(state.ema_params if state.ema_params is not None else state.params)
             print(f"{report}\n\nmetrics:     {workdir / 'metrics.jsonl'}\ntensorboard: {workdir / 'tensorboard'}"
                   f"  (tensorboard --logdir {workdir / 'tensorboard'})\ncheckpoints: {workdir / 'checkpoints'}")
-    return {"eval": eval_results, "step": last_step}
+    return {"eval": eval_results, "step": last_step, "preempted": False}
 
 
 def _check_finite(metrics: dict[str, Any], step: int, config) -> None:

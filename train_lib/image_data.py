@@ -1,0 +1,118 @@
+"""Image datasets for diffusion as NumPy arrays: scikit-learn digits and CIFAR-10 from local pickles.
+
+Images are `[N, H, W, C]` float32 in [−1, 1] on the grid −1 + 2k/(levels − 1), k = 0..levels−1, so the
+discretised-Gaussian decoder of `models.diffusion.likelihood` can use `levels`; labels are `[N]` int32.
+The input pipeline (grain) is built on top of these arrays by the trainer.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+
+import numpy as np
+
+DIGITS_TEST_SIZE = 0.2  # 1797 images -> 1437 train / 360 test
+DIGITS_SEED = 0
+CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST_FILE = "test_batch"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageDataset:
+    """Train/test images `[N, H, W, C]` in [−1, 1], labels `[N]`, and what the models need to know."""
+
+    name: str
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    levels: int  # grey levels per channel (17 for digits, 256 for 8-bit images)
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_images.shape[1:])
+
+
+def levels_to_unit_range(values: np.ndarray, levels: int) -> np.ndarray:
+    """Integer levels 0..levels−1 -> float32 on the grid −1 + 2k/(levels−1) in [−1, 1]."""
+    return (np.asarray(values, np.float32) * (2.0 / (levels - 1)) - 1.0).astype(np.float32)
+
+
+def unit_range_to_levels(images: np.ndarray, levels: int) -> np.ndarray:
+    """Float images in [−1, 1] -> the nearest integer level 0..levels−1 (clipped), int32."""
+    scaled = np.rint((np.asarray(images, np.float64) + 1.0) * (levels - 1) / 2.0)
+    return np.clip(scaled, 0, levels - 1).astype(np.int32)
+
+
+def load_digits(*, test_size: float = DIGITS_TEST_SIZE, seed: int = DIGITS_SEED) -> ImageDataset:
+    """scikit-learn's bundled 8×8 digits (17 grey levels 0..16), split stratified by class.
+
+    The split is `train_test_split(test_size=0.2, stratify=labels, random_state=0)`: fixed, so every
+    experiment and the sample-quality classifier see the same 1437 training and 360 test images.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    data = sklearn_digits()
+    images = data.images.reshape(-1, 8, 8, 1)
+    if images.min() < 0 or images.max() > 16 or np.any(images != np.round(images)):
+        raise ValueError("scikit-learn digits are expected to be integers in 0..16.")
+    labels = data.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=test_size, stratify=labels, random_state=seed)
+    return ImageDataset("digits", levels_to_unit_range(x_train, 17), y_train,
+                        levels_to_unit_range(x_test, 17), y_test, levels=17, num_classes=10)
+
+
+def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 Python pickle batch -> (uint8 `[N, 32, 32, 3]`, int32 `[N]`)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"CIFAR-10 batch file {path} is missing; expected the Python-version batches "
+                         f"{', '.join(CIFAR10_TRAIN_FILES)}, {CIFAR10_TEST_FILE} (cifar-10-batches-py).")
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise ValueError(f"CIFAR-10 batch file {path} is not a readable Python pickle: {err}") from err
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"CIFAR-10 batch file {path} should be a dict with b'data' and b'labels'; got {keys}.")
+    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or data.dtype != np.uint8 or labels.shape != (data.shape[0],):
+        raise ValueError(f"CIFAR-10 batch file {path}: b'data' should be uint8 [N, 3072] with N labels; got "
+                         f"{data.dtype} {data.shape} and {labels.shape[0]} labels.")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"CIFAR-10 batch file {path}: labels must be in 0..9.")
+    # Rows are channel-major: 1024 red, 1024 green, 1024 blue values, each row-major 32×32.
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return images, labels.astype(np.int32)
+
+
+def load_cifar10(directory: str) -> ImageDataset:
+    """CIFAR-10 from the standard Python pickle batches in `directory` (no download), 256 levels."""
+    if not os.path.isdir(directory):
+        raise ValueError(f"CIFAR-10 directory {directory} does not exist; point it at the extracted "
+                         "cifar-10-batches-py folder.")
+    train = [_read_cifar_batch(os.path.join(directory, name)) for name in CIFAR10_TRAIN_FILES]
+    x_test, y_test = _read_cifar_batch(os.path.join(directory, CIFAR10_TEST_FILE))
+    x_train = np.concatenate([x for x, _ in train])
+    y_train = np.concatenate([y for _, y in train])
+    return ImageDataset("cifar10", levels_to_unit_range(x_train, 256), y_train,
+                        levels_to_unit_range(x_test, 256), y_test, levels=256, num_classes=10)
+
+
+DATASETS = {
+    "digits": lambda directory=None: load_digits(),
+    "cifar10": lambda directory=None: load_cifar10(directory),
+}
+
+
+def load_image_dataset(name: str, directory: str | None = None) -> ImageDataset:
+    """The dataset `name` from `DATASETS` (`directory` is needed for CIFAR-10)."""
+    if name not in DATASETS:
+        raise ValueError(f"Unknown image dataset {name!r}; choose one of {sorted(DATASETS)}.")
+    if name == "cifar10" and not directory:
+        raise ValueError("The cifar10 dataset needs a directory with the Python pickle batches.")
+    return DATASETS[name](directory)
