@@ -1,5 +1,5 @@
 """kexue-jax: GAU/FLASH, diffusion and the losses of Scientific Spaces (kexue.fm) in JAX/Flax."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="kexue-jax",
@@ -7,7 +7,8 @@ setup(
     description="JAX/Flax research code for the ideas of Su Jianlin's Scientific Spaces posts.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["models", "losses", "train_lib", "experiments"],
+    packages=find_packages(include=["models", "models.*", "losses", "losses.*", "train_lib", "train_lib.*",
+                                    "experiments", "experiments.*"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10,<0.11",
