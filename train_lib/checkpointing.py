@@ -101,9 +101,8 @@ class Checkpointer:
             items["data"] = ocp.args.JsonSave(data_iterator.get_state())
         try:
             self.manager.save(step, args=ocp.args.Composite(**items), force=True)
-        except Exception as e:  # disk full, directory removed or made read-only, ...
-            raise CheckpointError(f"could not write checkpoint {self.directory / str(step)}: {e}; the previous "
-                                  "checkpoints are untouched") from e
+        except Exception as e:  # disk full, directory removed or made read-only, ... (maybe in an earlier async save)
+            raise self._write_error(e) from e
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         """The state at `step`, laid out as `abstract_state`'s shardings; moves `data_iterator` in place."""
@@ -153,8 +152,12 @@ class Checkpointer:
         try:
             self.manager.wait_until_finished()
         except Exception as e:
-            raise CheckpointError(f"an asynchronous checkpoint write in {self.directory} failed: {e}; the previous "
-                                  "checkpoints are untouched") from e
+            raise self._write_error(e) from e
+
+    def _write_error(self, error: Exception) -> CheckpointError:
+        message = " ".join(str(error).split())
+        return CheckpointError(f"writing a checkpoint in {self.directory} failed: {message[:400]}; the complete "
+                               f"checkpoints {sorted(self.manager.all_steps())} are untouched")
 
     def close(self) -> None:
         self.manager.close()

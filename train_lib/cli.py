@@ -5,6 +5,7 @@ import logging
 import os
 import re
 import sys
+import threading
 from typing import Callable, NoReturn
 
 from absl import flags
@@ -21,7 +22,10 @@ def define_distributed_flags() -> None:
     flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.")
     flags.DEFINE_integer("process_id", None, "This process's index in a multi-process run.")
     flags.DEFINE_integer("initialization_timeout", 300,
-                         "Seconds to wait for the other processes before giving up (multi-process runs).")
+                         "Seconds to wait for the other processes to start (multi-process runs).")
+    flags.DEFINE_integer("heartbeat_timeout", 100,
+                         "Seconds without a heartbeat after which a process is declared dead and the others stop "
+                         "with an error instead of waiting for it (multi-process runs).")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -63,12 +67,31 @@ def parse_flags(argv: list[str]) -> None:
         fail(f"config: {e}")
 
 
+def _log_thread_exception(args) -> None:
+    """Background threads (Orbax's asynchronous saves) report failures in one line; the main thread
+    re-raises them where they matter (the next save or the final wait) with a clear message."""
+    logging.getLogger("train_lib").warning("background thread %s failed: %s: %s", args.thread.name if args.thread
+                                           else "?", args.exc_type.__name__, " ".join(str(args.exc_value).split())[:300])
+
+
+class _OneLine(logging.Filter):
+    """Keeps library log records to one line: drops attached tracebacks (the error is reported where it matters)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            record.msg = f"{record.getMessage()} ({record.exc_info[0].__name__})"
+            record.args, record.exc_info, record.exc_text = None, None, None
+        return True
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     logging.getLogger("train_lib").setLevel(logging.INFO)
     for noisy in ("absl", "orbax", "jax._src.xla_bridge"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+        logging.getLogger(noisy).addFilter(_OneLine())
+    threading.excepthook = _log_thread_exception
 
 
 def initialize_distributed() -> None:
@@ -84,7 +107,8 @@ def initialize_distributed() -> None:
             fail(f"--process_id must be in [0, {f.num_processes}), got {f.process_id}")
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=f.coordinator_address, num_processes=f.num_processes,
-                                   process_id=f.process_id, initialization_timeout=f.initialization_timeout)
+                                   process_id=f.process_id, initialization_timeout=f.initialization_timeout,
+                                   heartbeat_timeout_seconds=f.heartbeat_timeout)
     elif any(os.environ.get(name) for name in _CLUSTER_ENV):
         jax.distributed.initialize()
 

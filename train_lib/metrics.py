@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 from typing import Any
@@ -35,8 +36,16 @@ class MetricsWriter:
         """Drops rows past `step`: after resuming from a checkpoint at `step` they would be logged twice."""
         if not self.enabled or not self.path.exists():
             return
-        rows = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(row + "\n" for row in rows))
+        rows = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    rows.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):  # a line cut short by a kill
+                continue
+        partial = self.path.with_suffix(".jsonl.tmp")
+        partial.write_text("".join(row + "\n" for row in rows))
+        os.replace(partial, self.path)  # atomic: a kill leaves the old file or the new one
 
     def write(self, step: int, split: str, values: dict[str, Any]) -> None:
         if not self.enabled:

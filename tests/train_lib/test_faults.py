@@ -115,3 +115,83 @@ def test_no_usable_checkpoint_stops_unless_config_allows_fresh_start(tmp_path):
     assert fresh.returncode == 0, fresh.stderr[-3000:]
     assert "starting at step 0" in fresh.stderr and _steps(workdir) == [3, 6]
     np.testing.assert_array_less(0, len(_losses(workdir)))
+
+
+def test_checkpoint_restores_onto_other_topologies_and_training_continues(tmp_path):
+    """Saved on a 2×2×2 mesh of 8 devices; continued on a (4, 1, 2) mesh and on 1 device."""
+    mesh = dict(mesh__data=2, mesh__fsdp=2, mesh__model=2)
+    trainer.train_and_evaluate(make_config(**mesh), str(tmp_path / "reference"))
+    trainer.train_and_evaluate(make_config(**mesh), str(tmp_path / "saved"), stop_at_step=6)
+    for name in ("mesh412", "single"):
+        import shutil
+        shutil.copytree(tmp_path / "saved", tmp_path / name)
+    trainer.train_and_evaluate(make_config(mesh__data=4, mesh__fsdp=1, mesh__model=2), str(tmp_path / "mesh412"))
+    single = run_cli(["--config=experiments/gau_lm.py:tiny", f"--workdir={tmp_path / 'single'}", *cli_overrides()],
+                     devices=1)
+    assert single.returncode == 0, single.stderr[-3000:]
+    reference = _losses(tmp_path / "reference")
+    for name in ("mesh412", "single"):
+        continued = _losses(tmp_path / name)
+        assert sorted(continued) == list(range(1, 13))
+        np.testing.assert_allclose([continued[s] for s in range(7, 13)], [reference[s] for s in range(7, 13)],
+                                   rtol=2e-5)
+
+
+def test_nonfinite_step_can_be_skipped_by_config(tmp_path):
+    trainer.train_and_evaluate(make_config(total_steps=6, debug__nan_at_step=2, skip_nonfinite_steps=True),
+                               str(tmp_path / "skip"))
+    rows = {row["step"]: row for row in read_metrics(tmp_path / "skip")}
+    assert rows[3]["nonfinite"] == 1.0 and rows[3]["loss"] is None  # NaN is written as null
+    assert all(rows[s]["nonfinite"] == 0.0 and np.isfinite(rows[s]["loss"]) for s in (1, 2, 4, 5, 6))
+    assert _steps(tmp_path / "skip") == [3, 6]
+
+
+def test_disk_full_while_saving_gives_clear_error_and_keeps_previous_checkpoint(tmp_path):
+    """A file-size limit makes every write past it fail, as a full disk does (EFBIG instead of ENOSPC)."""
+    import resource
+    workdir = tmp_path / "run"
+    assert _train(workdir, 6, checkpoint_every_steps=3).returncode == 0  # checkpoints 3 and 6
+    limit = 16 * 1024  # smaller than one checkpoint's data file, larger than the metrics rows
+
+    def limit_file_size():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    full = subprocess.run([sys.executable, "-m", "train_lib.main", "--config=experiments/gau_lm.py:tiny",
+                           f"--workdir={workdir}", *cli_overrides(total_steps=12, checkpoint_every_steps=3)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+    assert full.returncode == 1, full.stderr[-3000:]
+    error = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
+    assert error and "writing a checkpoint" in error[-1] and "are untouched" in error[-1], full.stderr[-3000:]
+    # (TensorStore's write threads may still print 'Event loop is closed' tracebacks; the error line is ours.)
+    # The previous checkpoint is intact: a normal restart resumes from it and finishes.
+    again = _train(workdir, 12, checkpoint_every_steps=3)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming at step 6" in again.stderr and "damaged" not in again.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path):
+    """SIGKILL at random points (often inside an asynchronous checkpoint write, saved every 2 steps);
+    each restart resumes from the newest complete checkpoint and the final losses equal an uninterrupted run's."""
+    rng = np.random.default_rng(0)
+    workdir, total = tmp_path / "killed", 60
+    overrides = dict(total_steps=total, checkpoint_every_steps=2)
+    kills = 0
+    for _ in range(6):
+        process = _start_cli(workdir, *cli_overrides(**overrides))
+        try:
+            _wait_for_step(workdir, (max(_steps(workdir)) if (workdir / "checkpoints").exists() and _steps(workdir)
+                                     else 0) + 1, process)
+        except AssertionError:
+            break  # finished before it could be killed
+        time.sleep(rng.uniform(0.0, 1.5))
+        if process.poll() is None:
+            process.kill()
+            kills += 1
+        process.communicate()
+    assert kills >= 3
+    final = run_cli(["--config=experiments/gau_lm.py:tiny", f"--workdir={workdir}", *cli_overrides(**overrides)])
+    assert final.returncode == 0, final.stderr[-3000:]
+    trainer.train_and_evaluate(make_config(**overrides), str(tmp_path / "reference"))
+    assert _losses(workdir) == _losses(tmp_path / "reference")
