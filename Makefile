@@ -15,7 +15,7 @@ $(STAMP): setup.py constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m train_lib.main --config=experiments/gau_lm.py:demo --workdir=runs/demo
+	$(PY) -m train_lib.main --config=experiments/gau_lm.py:tiny --workdir=runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist=loadfile
