@@ -148,18 +148,17 @@ def test_nonfinite_step_can_be_skipped_by_config(tmp_path):
 
 def test_disk_full_while_saving_gives_clear_error_and_keeps_previous_checkpoint(tmp_path):
     """A file-size limit makes every write past it fail, as a full disk does (EFBIG instead of ENOSPC)."""
-    import resource
     workdir = tmp_path / "run"
     assert _train(workdir, 6, checkpoint_every_steps=3).returncode == 0  # checkpoints 3 and 6
     limit = 16 * 1024  # smaller than one checkpoint's data file, larger than the metrics rows
-
-    def limit_file_size():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
+    # The limit is set by a tiny launcher that then execs the trainer (no preexec_fn: forking a
+    # multithreaded JAX process is unsafe).
+    launcher = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (%d, %d)); "
+                "os.execv(sys.executable, [sys.executable] + sys.argv[1:])" % (limit, limit))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    full = subprocess.run([sys.executable, "-m", "train_lib.main", "--config=experiments/gau_lm.py:tiny",
+    full = subprocess.run([sys.executable, "-c", launcher, "-m", "train_lib.main", "--config=experiments/gau_lm.py:tiny",
                            f"--workdir={workdir}", *cli_overrides(total_steps=12, checkpoint_every_steps=3)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert full.returncode == 1, full.stderr[-3000:]
     error = [line for line in full.stderr.splitlines() if line.startswith("error: ")]
     assert error and "writing a checkpoint" in error[-1] and "are untouched" in error[-1], full.stderr[-3000:]
