@@ -194,9 +194,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
         metrics_writer.truncate_after(start_step)
         if is_main:
             log.info("devices: %d (%s), processes: %d, mesh: %s", jax.device_count(),
-                         jax.devices()[0].platform, jax.process_count(), mesh_shape)
-            log.info("model: %s, %s parameters; data: %s (fingerprint %s)", config.model.name,
-                         f"{num_params:,}", data_info["data"], data_info["data_fingerprint"])
+                     jax.devices()[0].platform, jax.process_count(), mesh_shape)
+            log.info("task: %s, %s parameters; %s", config.task, f"{num_params:,}",
+                     ", ".join(f"{key}: {value}" for key, value in data_info.items()))
             log.info("%s at step %d", "resuming" if resumed else "starting", start_step)
 
         # ------------------------------------------------------------------------------------------
