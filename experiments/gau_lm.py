@@ -14,6 +14,27 @@ Variants:
   small  d=256, 8 GAUs (≈ 4 Transformer layers), s=128, length 256, batch 32: CPU research runs.
   base   GAU-α size: d=768, 24 GAUs, e=1536, s=128, length 512, batch 128, bf16, softmax: accelerators.
 
+Presets, added after a variant with commas (`--config=experiments/gau_lm.py:small,flash`):
+  flash         FLASH layers (mixed chunk attention, arXiv 2202.10447): pre-norm ScaleNorm, local relu²(·/C)
+                (`relu2_paper`), γ = 1 at init (relu² cannot start from the paper's γ ~ N(0, 0.02²) without
+                its relative-position bias; see models/layers.ScaleOffset). The chunk C (`model.chunk_size`) is
+                32 / 64 / 256 for tiny / small / base.
+  gau_alpha     GAU-α (https://kexue.fm/archives/9052): a bidirectional encoder trained by masked LM, Post-Norm
+                RMSNorm without scale or offset, no biases, truncated-normal init 1.13684723/√fan_in · L^{-1/3},
+                softmax_plus. `base,gau_alpha` is GAU-α's size (24 layers, d=768, length 512).
+  mlm           the masked-LM task on a bidirectional encoder, leaving the architecture as it is.
+  performer     FAVOR+ linear attention (https://kexue.fm/archives/7921) as a baseline.
+  seq_parallel  shard activations over the sequence on the 'model' mesh axis instead of splitting e and s.
+
+  python -m train_lib.main --config=experiments/gau_lm.py:tiny,flash --workdir=runs/flash
+  python -m train_lib.main --config=experiments/gau_lm.py:tiny,gau_alpha --workdir=runs/gau_alpha
+  python -m train_lib.main --config=experiments/gau_lm.py:tiny --workdir=runs/t --config.model.attention=flash
+
+Single switches, without a preset: `model.attention` ('gau' | 'flash' | 'performer'), `model.normalizer`
+(see models/attention.py), `model.position` ('rope' | 'learned' | 'learned_hierarchical' | 'none'),
+`model.residual_scores` (RealFormer, post 8027), `model.norm_position` ('pre' | 'post'), `model.kernel_init`,
+`model.qk_scale_init` ('normal' | 'ones': use 'ones' with any relu² normaliser).
+
 Results (2-core CPU; numbers from the runs named in README.md's "Results" section).
 """
 import ml_collections
@@ -25,11 +46,29 @@ LOGICAL_AXIS_RULES = (
     ("length", None),
     ("act_embed", None),
     ("act_expand", "model"),
+    ("act_qk", None),  # Z is gathered after its projection: Q·Kᵀ contracts over s, sharding it would all-reduce n×n
     ("act_vocab", "model"),
     ("embed", "fsdp"),
     ("expand", "model"),
     ("qk", "model"),
     ("vocab", "model"),
+    ("norm", None),
+)
+
+# The `seq_parallel` preset: single-head attention has no heads to split, so activations are split
+# over the sequence instead (batch over data and fsdp, length over model); parameters are replicated over
+# 'model'. XLA gathers K and V where attention needs them.
+SEQUENCE_PARALLEL_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", "model"),
+    ("act_embed", None),
+    ("act_expand", None),
+    ("act_qk", None),
+    ("act_vocab", None),
+    ("embed", "fsdp"),
+    ("expand", None),
+    ("qk", None),
+    ("vocab", None),
     ("norm", None),
 )
 
@@ -41,10 +80,65 @@ _VARIANTS = {
 }
 
 
+_FLASH_CHUNK = {"tiny": 32, "small": 64, "base": 256}
+
+
+def _flash(config, variant):
+    del variant
+    config.model.attention = "flash"
+    config.model.norm = "scalenorm"
+    config.model.norm_position = "pre"
+    config.model.normalizer = "relu2_paper"
+    config.model.qk_scale_init = "ones"  # relu² gets no gradient from γ ~ N(0, 0.02²): see models/layers.ScaleOffset
+
+
+def _mlm(config, variant):
+    del variant
+    config.task = "mlm"
+    config.model.causal = False
+    config.model.vocab_size = 257  # 256 bytes and the mask token
+
+
+def _gau_alpha(config, variant):
+    _mlm(config, variant)
+    config.model.norm = "rmsnorm_noscale"
+    config.model.norm_position = "post"
+    config.model.use_bias = False
+    config.model.kernel_init = "gau_alpha"
+    config.model.normalizer = "softmax_plus"
+    config.model.qk_scale_init = "ones"  # bert4keras' ScaleOffset
+
+
+def _performer(config, variant):
+    del variant
+    config.model.attention = "performer"
+
+
+def _seq_parallel(config, variant):
+    del variant
+    config.logical_axis_rules = SEQUENCE_PARALLEL_RULES
+
+
+_PRESETS = {"flash": _flash, "gau_alpha": _gau_alpha, "mlm": _mlm, "performer": _performer,
+            "seq_parallel": _seq_parallel}
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    """Config for variant `arg` ('tiny', 'small' or 'base')."""
-    if arg not in _VARIANTS:
-        raise ValueError(f"unknown variant {arg!r} of experiments/gau_lm.py; expected one of {sorted(_VARIANTS)}")
+    """Config for `arg` = a variant ('tiny', 'small', 'base'), then presets: 'small,flash', 'base,gau_alpha'."""
+    variant, *presets = [part.strip() for part in arg.split(",")]
+    if variant not in _VARIANTS:
+        raise ValueError(f"unknown variant {variant!r} of experiments/gau_lm.py; expected one of {sorted(_VARIANTS)}"
+                         f" (then optional presets after commas: {sorted(_PRESETS)})")
+    for preset in presets:
+        if preset not in _PRESETS:
+            raise ValueError(f"unknown preset {preset!r} of experiments/gau_lm.py; expected some of {sorted(_PRESETS)}")
+    config = _base_config(variant)
+    for preset in presets:
+        _PRESETS[preset](config, variant)
+    return config
+
+
+def _base_config(arg: str) -> ml_collections.ConfigDict:
     layers, d, s, seq_len, batch, steps, lr, warmup = _VARIANTS[arg]
     config = ml_collections.ConfigDict()
     config.task = "lm"
@@ -84,6 +178,16 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     config.model.rope_base = 10000.0
     config.model.dtype = "bfloat16" if arg == "base" else "float32"
     config.model.remat = False
+    config.model.attention = "gau"  # 'gau' (quadratic), 'flash' (mixed chunk attention) or 'performer'
+    config.model.chunk_size = _FLASH_CHUNK[arg]  # FLASH's chunk size C (and the Performer's causal chunk)
+    config.model.position = "rope"  # 'rope', 'learned', 'learned_hierarchical' or 'none'
+    config.model.max_positions = 512  # learned position table rows (hierarchical: max_positions² positions)
+    config.model.hierarchical_alpha = 0.4
+    config.model.norm_position = "pre"  # 'pre' or 'post' (GAU-α)
+    config.model.kernel_init = "normal"  # 'normal' (N(0, 0.02²)) or 'gau_alpha'
+    config.model.residual_scores = False  # RealFormer residual attention scores (GAU only)
+    config.model.performer_features = 128  # random features m of the Performer baseline
+    config.model.qk_scale_init = "normal"  # γ of Q/K: 'normal' (N(0, 0.02²), paper) or 'ones' (needed by relu²)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"

@@ -1,4 +1,4 @@
-"""The Gated Attention Unit (GAU) and the GAU language model.
+"""The Gated Attention Unit (GAU) and the gated-attention language model.
 
 GAU (Hua, Dai, Liu, Le, *Transformer Quality in Linear Time*, arXiv 2202.10447; Su Jianlin,
 https://kexue.fm/archives/8934 and https://kexue.fm/archives/8990):
@@ -7,65 +7,42 @@ https://kexue.fm/archives/8934 and https://kexue.fm/archives/8990):
     Q = RoPE(γ_q ⊙ Z + β_q),  K = RoPE(γ_k ⊙ Z + β_k)
     O = X + (U ⊙ A V) W_o,    A = normaliser(Q Kᵀ)
 
-with `e = expansion · d` and `s = key_dim`. U and V come from one fused `[d, 2, e]` projection (one
-matmul; tensor parallelism splits both along `e` without resharding); Z from its own `[d, s]`
-projection. RoPE is the last operation on Q and K. One GAU has ≈ 3de + ds parameters, so one
-Transformer layer (attention + FFN) corresponds to two GAUs.
+with `e = expansion · d` and `s = key_dim` (the shared projections live in `models.gated_unit`).
+RoPE is the last operation on Q and K. One GAU has ≈ 3de + ds parameters, so one Transformer layer
+(attention + FFN) corresponds to two GAUs. The language model stacks any layer of
+`ATTENTION_LAYERS` (`model.attention`): 'gau' (quadratic, this file), 'flash' (mixed chunk
+attention, `models.flash`) or 'performer' (FAVOR+ baseline, `models.performer`).
 
 Shapes: tokens `[batch, length]`, activations `[batch, length, d]`, logits `[batch, length, vocab]`.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import attention, layers
+from models import attention, flash, layers, performer, positions as positions_lib
+from models.gated_unit import GAUConfig, gated_output, gated_projections
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class GAUConfig:
-    """Hyperparameters of a GAU stack (the `model.*` block of an experiment config)."""
-
-    vocab_size: int = 256
-    num_layers: int = 4
-    embed_dim: int = 256
-    expansion_factor: int = 2
-    key_dim: int = 128
-    normalizer: str = "softmax"
-    norm: str = "rmsnorm"
-    causal: bool = True
-    use_bias: bool = True
-    dropout_rate: float = 0.0
-    rope_base: float = 10000.0
-    train_length: int = 512  # the length the model is trained at (used by length-aware normalisers)
-    dtype: str = "float32"  # compute dtype; parameters stay float32
-    remat: bool = False
-
-    @property
-    def expand_dim(self) -> int:
-        return self.expansion_factor * self.embed_dim
-
-    @property
-    def compute_dtype(self) -> Any:
-        return _DTYPES[self.dtype]
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "GAUConfig":
-        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls) if f.name in values})
+__all__ = ["ATTENTION_LAYERS", "GAUConfig", "GAULanguageModel", "GatedAttentionUnit"]
 
 
 class GatedAttentionUnit(nn.Module):
-    """One pre-norm GAU layer with residual connection.
+    """One GAU layer (quadratic attention) with residual connection.
 
     In decode mode the keys and values of earlier positions live in the `cache` collection
     (`cached_key` `[batch, max_length, s]`, `cached_value` `[batch, max_length, e]`, their length set
     by the input length at initialisation), so a new token costs the same at any position.
+
+    Args (call): x `[batch, n, d]`; rope (sin, cos) tables or None; positions `[n]` global positions;
+      key_valid optional `[batch, n]`; cache_index (decode); residual_scores the previous layer's
+      scores `[batch, n, n_keys]` (RealFormer, https://kexue.fm/archives/8027: S_l = Q_l K_lᵀ + S_{l−1},
+      summed before the normaliser scales them, which equals summing scaled scores for every normaliser
+      whose scale is the same in every layer).
+    Returns: (y `[batch, n, d]`, this layer's scores if `residual_scores` is configured, else None).
+    The attention weights are sown into `intermediates/attention_weights` (`[batch, n, n_keys]`).
     """
 
     config: GAUConfig
@@ -73,36 +50,30 @@ class GatedAttentionUnit(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, sin: jax.Array, cos: jax.Array, positions: jax.Array,
-                 key_valid: jax.Array | None = None, cache_index: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, rope: Any, positions: jax.Array, key_valid: jax.Array | None = None,
+                 cache_index: jax.Array | None = None, residual_scores: jax.Array | None = None):
         cfg = self.config
-        dtype = cfg.compute_dtype
-        e, s = cfg.expand_dim, cfg.key_dim
-        proj = dict(dtype=dtype, use_bias=cfg.use_bias)
-
-        h = layers.NORMS[cfg.norm](dtype=dtype, name="norm")(x)
-        uv = nn.silu(layers.Projection((2, e), ("embed", None, "expand"), name="uv", **proj)(h))
-        u = nn.with_logical_constraint(uv[..., 0, :], ("batch", "length", "act_expand"))
-        v = nn.with_logical_constraint(uv[..., 1, :], ("batch", "length", "act_expand"))
-        z = nn.silu(layers.Projection((s,), ("embed", "qk"), name="z", **proj)(h))
-        q, k = layers.ScaleOffset(2, use_bias=cfg.use_bias, name="qk_scale_offset")(z)
-        q = layers.apply_rope(q, sin, cos)
-        k = layers.apply_rope(k, sin, cos)
+        u, v, (q, k) = gated_projections(cfg, x, 2)
+        q, k = layers.maybe_rope(q, rope), layers.maybe_rope(k, rope)
 
         key_positions = positions
+        # relu2_paper's n: the sequence's unpadded length (in decoding, the cache length).
+        length = k.shape[1] if key_valid is None else jnp.sum(key_valid, axis=-1)
         if self.decode and self.has_variable("cache", "cached_key"):
             k, v, key_positions = self._update_cache(k, v, cache_index)
+            length = k.shape[1]
         elif self.decode:  # initialisation: create the cache with the input's length
             self._update_cache(k, v, None)
         mask = attention.attention_mask(positions, key_positions, causal=cfg.causal, key_valid=key_valid)
 
         scores = jnp.einsum("bqs,bks->bqk", q, k, preferred_element_type=jnp.float32)
+        if residual_scores is not None:
+            scores = scores + residual_scores
         weights = attention.get_normalizer(cfg.normalizer)(
-            scores, mask, key_dim=s, train_length=cfg.train_length)
-        o = u * jnp.einsum("bqk,bke->bqe", weights.astype(dtype), v)
-        out = layers.Projection((x.shape[-1],), ("expand", "embed"), name="out", **proj)(o)
-        out = nn.Dropout(cfg.dropout_rate)(out, deterministic=self.deterministic)
-        return x + out.astype(x.dtype)
+            scores, mask, key_dim=cfg.key_dim, train_length=cfg.train_length, sequence_length=length)
+        self.sow("intermediates", "attention_weights", weights)
+        o = u * jnp.einsum("bqk,bke->bqe", weights.astype(v.dtype), v)
+        return gated_output(cfg, x, o, deterministic=self.deterministic), (scores if cfg.residual_scores else None)
 
     def _update_cache(self, k, v, cache_index):
         """Writes this call's keys/values at `cache_index`; returns the whole cache and its positions."""
@@ -115,12 +86,22 @@ class GatedAttentionUnit(nn.Module):
         return cached_k.value, cached_v.value, jnp.arange(cached_k.value.shape[1])
 
 
-class GAULanguageModel(nn.Module):
-    """Token embedding → N GAU layers → final norm → output layer.
+# Layer types by name (`model.attention`); all share GatedAttentionUnit's call signature.
+ATTENTION_LAYERS: dict[str, type[nn.Module]] = {
+    "gau": GatedAttentionUnit,
+    "flash": flash.FlashLayer,
+    "performer": performer.PerformerUnit,
+}
 
-    `causal=True` gives an autoregressive LM; `causal=False` a bidirectional encoder. With
-    `decode=True`, call once with `[batch, max_length]` tokens inside `init` to create the cache,
-    then with `[batch, n]` chunks (a prompt, then one token at a time); positions continue from the cache.
+
+class GAULanguageModel(nn.Module):
+    """Token embedding (+ positions) → N gated attention layers → final norm → output layer.
+
+    `causal=True` gives an autoregressive LM; `causal=False` a bidirectional encoder. Pre-norm stacks
+    end with a final norm; post-norm stacks (GAU-α) normalise the embeddings instead, since every layer
+    already ends with a norm. With `decode=True`, call once with `[batch, max_length]` tokens inside
+    `init` to create the cache, then with `[batch, n]` chunks (a prompt, then one token at a time);
+    positions continue from the cache.
 
     Args (call): tokens `[batch, length]` int; `padding_mask` optional `[batch, length]` bool.
     Returns: logits `[batch, length, vocab]` float32.
@@ -142,17 +123,24 @@ class GAULanguageModel(nn.Module):
             index.value = cache_index + n
         elif decode:
             self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
-        sin, cos = layers.rope_tables(positions, cfg.key_dim, base=cfg.rope_base)
 
+        embed_init = layers.KERNEL_INITS[cfg.kernel_init](cfg.num_layers, fan_in_axis=-1)
         x = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, name="embed",
-                     embedding_init=layers.partitioned(layers.DEFAULT_KERNEL_INIT, ("vocab", "embed")))(tokens)
+                     embedding_init=layers.partitioned(embed_init, ("vocab", "embed")))(tokens)
+        x, rope = positions_lib.POSITIONS[cfg.position](cfg, x, positions)
+        if cfg.norm_position == "post":
+            x = layers.NORMS[cfg.norm](dtype=dtype, name="embed_norm")(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        layer_cls = nn.remat(GatedAttentionUnit) if cfg.remat else GatedAttentionUnit
+        layer_cls = ATTENTION_LAYERS[cfg.attention]
+        layer_cls = nn.remat(layer_cls) if cfg.remat else layer_cls
+        scores = None
         for i in range(cfg.num_layers):
-            x = layer_cls(cfg, deterministic=not train, decode=decode, name=f"layer_{i}")(
-                x, sin, cos, positions, padding_mask, cache_index)
+            x, scores = layer_cls(cfg, deterministic=not train, decode=decode, name=f"layer_{i}")(
+                x, rope, positions, padding_mask, cache_index, scores)
             x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        x = layers.NORMS[cfg.norm](dtype=dtype, name="final_norm")(x)
+        if cfg.norm_position == "pre":
+            x = layers.NORMS[cfg.norm](dtype=dtype, name="final_norm")(x)
         logits = layers.Projection((cfg.vocab_size,), ("embed", "vocab"), name="logits", dtype=dtype,
-                                   use_bias=cfg.use_bias)(x)
+                                   use_bias=cfg.use_bias,
+                                   kernel_init=layers.KERNEL_INITS[cfg.kernel_init](cfg.num_layers))(x)
         return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))

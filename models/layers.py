@@ -101,33 +101,80 @@ class LayerNorm(nn.Module):
                             bias_init=partitioned(nn.initializers.zeros, ("norm",)))(x)
 
 
-NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "layernorm": LayerNorm, "scalenorm": ScaleNorm}
+class ScalelessRMSNorm(RMSNorm):
+    """`x / rms(x)` with no learned scale or offset: GAU-α's Post-Norm (https://kexue.fm/archives/9052)."""
+
+    use_scale: bool = False
+
+
+NORMS: dict[str, type[nn.Module]] = {"rmsnorm": RMSNorm, "rmsnorm_noscale": ScalelessRMSNorm,
+                                     "layernorm": LayerNorm, "scalenorm": ScaleNorm}
+
+
+# 1 / (std of a standard normal truncated to [−2, 2]): scaling by it makes the truncated draw's std exact.
+_TRUNCATED_NORMAL_STD_CORRECTION = 1.13684723
+
+
+def depth_scaled_truncated_normal(num_layers: int, *, fan_in_axis: int = 0) -> Initializer:
+    """GAU-α's initialiser: truncated normal (±2σ) with std `1.13684723/√fan_in · L^{-1/3}`.
+
+    The 1.13684723 undoes the truncation's shrinkage, so the drawn weights have std exactly
+    `L^{-1/3}/√fan_in`: variance 1/fan_in keeps activations' scale, and L^{-1/3} keeps a deep
+    Post-Norm stack trainable (https://kexue.fm/archives/8990, https://kexue.fm/archives/9052).
+    `fan_in_axis`: 0 for `Projection` kernels `[in, *out]`; −1 for an embedding table `[vocab, d]`,
+    whose rows are the d-dimensional inputs of the first layer.
+    """
+    def init(key, shape, dtype=jnp.float32):
+        std = _TRUNCATED_NORMAL_STD_CORRECTION / shape[fan_in_axis] ** 0.5 * num_layers ** (-1.0 / 3.0)
+        return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
+    return init
+
+
+def paper_normal(num_layers: int, *, fan_in_axis: int = 0) -> Initializer:
+    """N(0, 0.02²) whatever the depth or fan-in (the paper's code; `DEFAULT_KERNEL_INIT`)."""
+    del num_layers, fan_in_axis
+    return DEFAULT_KERNEL_INIT
+
+
+# Kernel initialisers by name (`model.kernel_init`); each is called as `factory(L, fan_in_axis=...)`.
+KERNEL_INITS: dict[str, Callable[..., Initializer]] = {"normal": paper_normal,
+                                                        "gau_alpha": depth_scaled_truncated_normal}
 
 
 class ScaleOffset(nn.Module):
     """`num` per-dimension scale-offsets of one shared input: `z ⊙ γ_h + β_h`, h = 1..num.
 
     GAU derives Q and K (num=2) and FLASH Q_quad, K_quad, Q_lin, K_lin (num=4) from one Z this way
-    (Hua et al. 2022, arXiv 2202.10447, Sec. 2; γ ~ N(0, 0.02²) and β = 0 as in the paper's code).
+    (Hua et al. 2022, arXiv 2202.10447, Sec. 2). β = 0 at init; γ's init is `SCALE_INITS[name]`:
+    'normal' (N(0, 0.02²), the paper's code) or 'ones' (bert4keras' ScaleOffset, GAU-α).
+
+    Why it matters: with γ ~ 0.02, Q·K ≈ 1e-5 at init. Softmax is then uniform and learns at once,
+    but relu² sits at its saddle — relu²(x) has zero slope at x = 0, and Q·K is bilinear — so a
+    relu² model (and FLASH's linear part) gets no gradient to its queries and keys and never
+    learns to attend. The paper escapes through its relative-position bias inside the relu²; with
+    RoPE there is no such term, so relu² models here start from γ = 1.
 
     Args: z `[..., s]`. Returns `[num, ..., s]`.
     """
 
     num: int
     use_bias: bool = True
+    scale_init: Initializer = DEFAULT_KERNEL_INIT
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         s = z.shape[-1]
-        gamma = self.param("gamma", partitioned(DEFAULT_KERNEL_INIT, (None, "qk")), (self.num, s),
-                           self.param_dtype)
+        gamma = self.param("gamma", partitioned(self.scale_init, (None, "qk")), (self.num, s), self.param_dtype)
         out = z[None] * gamma.reshape((self.num,) + (1,) * (z.ndim - 1) + (s,)).astype(z.dtype)
         if self.use_bias:
             beta = self.param("beta", partitioned(nn.initializers.zeros, (None, "qk")), (self.num, s),
                               self.param_dtype)
             out = out + beta.reshape((self.num,) + (1,) * (z.ndim - 1) + (s,)).astype(z.dtype)
         return out
+
+
+SCALE_INITS: dict[str, Initializer] = {"normal": DEFAULT_KERNEL_INIT, "ones": nn.initializers.ones}
 
 
 def rope_tables(positions: jax.Array, dim: int, *, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
@@ -145,13 +192,18 @@ def rope_tables(positions: jax.Array, dim: int, *, base: float = 10000.0) -> tup
     return jnp.sin(angles), jnp.cos(angles)
 
 
+def maybe_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """`apply_rope(x, *rope)`, or x unchanged when the model uses no rotary positions (rope is None)."""
+    return x if rope is None else apply_rope(x, *rope)
+
+
 def apply_rope(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     """Rotate pairs `(x_i, x_{i+dim/2})` by the tabulated angles; `(R_m q)ᵀ(R_n k) = qᵀ R_{n−m} k`.
 
     The half-split pairing (rather than adjacent pairs) is the same rotation up to a fixed permutation
     of dimensions, and needs no interleaving reshape. Computed in float32, returned in x's dtype.
 
-    Args: x `[batch, n, dim]`; sin, cos `[n, dim/2]` or `[batch, n, dim/2]`.
+    Args: x `[..., n, dim]`; sin, cos `[n, dim/2]` or broadcastable to x's leading axes.
     """
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)

@@ -17,7 +17,9 @@ embedding). Label `num_classes` is the "no class" token used when `labels` is No
 Parameters carry logical axis names for the trainer's rules: conv kernels
 ("conv_h", "conv_w", "conv_in", "conv_out"), dense kernels ("embed", "mlp"), biases ("conv_out",) or
 ("mlp",), norms ("norm",), the class table ("classes", "embed"); activations are constrained to
-("batch", "height", "width", "channels"). Model code names no mesh axis.
+("batch", "height", "width", "channels"). The image's own channel axis (1 or 3: the input conv's
+in-axis, the output conv's out-axis and bias) is "image_channels", so rules may shard "conv_in" and
+"conv_out" without asking a mesh axis to split 1 or 3 channels. Model code names no mesh axis.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ import jax.numpy as jnp
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _CONV_NAMES = ("conv_h", "conv_w", "conv_in", "conv_out")
+_INPUT_CONV_NAMES = ("conv_h", "conv_w", "image_channels", "conv_out")
+_OUTPUT_CONV_NAMES = ("conv_h", "conv_w", "conv_in", "image_channels")
 _ACTIVATION_NAMES = ("batch", "height", "width", "channels")
 
 
@@ -119,12 +123,12 @@ class _Layers:
     def __init__(self, config: UNetConfig):
         self.config = config
 
-    def conv(self, features, *, strides=1, kernel=3, zero=False, name=None):
+    def conv(self, features, *, strides=1, kernel=3, zero=False, name=None, names=_CONV_NAMES):
         kernel_init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
         return nn.Conv(features, (kernel, kernel), strides=strides, padding="SAME", name=name,
                        dtype=self.config.compute_dtype, param_dtype=self.config.parameter_dtype,
-                       kernel_init=_init(kernel_init, _CONV_NAMES),
-                       bias_init=_init(nn.initializers.zeros_init(), ("conv_out",)))
+                       kernel_init=_init(kernel_init, names),
+                       bias_init=_init(nn.initializers.zeros_init(), names[-1:]))
 
     def dense(self, features, *, zero=False, name=None):
         kernel_init = nn.initializers.zeros_init() if zero else nn.initializers.lecun_normal()
@@ -228,7 +232,7 @@ class UNet(nn.Module):
                 h = AttentionBlock(cfg, name=f"{name}_attn")(h)
             return h
 
-        h = layers.conv(ch, name="conv_in")(x.astype(cfg.compute_dtype))
+        h = layers.conv(ch, name="conv_in", names=_INPUT_CONV_NAMES)(x.astype(cfg.compute_dtype))
         skips, height = [h], x.shape[1]
         for level, mult in enumerate(cfg.channel_mults):
             for block in range(cfg.num_res_blocks):
@@ -249,7 +253,7 @@ class UNet(nn.Module):
                 h = constrain(layers.conv(h.shape[-1], name=f"up{level}_upsample")(h))
                 height *= 2
         h = nn.silu(ConditionalGroupNorm(cfg, name="norm_out")(h, cond))
-        out = layers.conv(cfg.out_channels or x.shape[-1], zero=True, name="conv_out")(h)
+        out = layers.conv(cfg.out_channels or x.shape[-1], zero=True, name="conv_out", names=_OUTPUT_CONV_NAMES)(h)
         return out.astype(jnp.float32)
 
 

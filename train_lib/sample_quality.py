@@ -182,8 +182,12 @@ def digits_sample_quality(cache_dir: str, config: ClassifierConfig = ClassifierC
     return SampleQuality(extractor, data.test_images, data.train_images)
 
 
-def save_image_grid(images, path: str, *, ncols: int | None = None, scale: int = 1, padding: int = 1) -> None:
-    """Save images `[N, H, W, C]` in [−1, 1] (C = 1 or 3) as one PNG grid, each pixel `scale`× enlarged."""
+def save_image_grid(images, path: str, *, ncols: int | None = None, scale: int = 1, padding: int = 1,
+                    pad_value: int = 0) -> None:
+    """Save images `[N, H, W, C]` in [−1, 1] (C = 1 or 3) as one PNG grid, each pixel `scale`× enlarged.
+
+    The `padding` pixels between images have the 8-bit value `pad_value` (grey shows black-background digits apart).
+    """
     from PIL import Image
 
     images = np.asarray(images, np.float64)
@@ -193,7 +197,8 @@ def save_image_grid(images, path: str, *, ncols: int | None = None, scale: int =
     ncols = ncols or int(np.ceil(np.sqrt(n)))
     nrows = int(np.ceil(n / ncols))
     pixels = image_data.unit_range_to_levels(images, 256).astype(np.uint8)
-    grid = np.zeros((nrows * (height + padding) + padding, ncols * (width + padding) + padding, channels), np.uint8)
+    grid = np.full((nrows * (height + padding) + padding, ncols * (width + padding) + padding, channels), pad_value,
+                   np.uint8)
     for k in range(n):
         top, left = padding + (k // ncols) * (height + padding), padding + (k % ncols) * (width + padding)
         grid[top:top + height, left:left + width] = pixels[k]

@@ -15,6 +15,10 @@ The contract between `train_lib.trainer` and a task (everything the loop needs, 
 
 Losses are means over the examples of the batch, so gradient accumulation over equal microbatches
 averages to the large-batch gradient.
+
+Tasks: 'lm' (byte-level causal language modelling) and 'mlm' (byte-level masked language modelling
+with a bidirectional encoder, as GAU-α is trained). Both train any layer of
+`models.gau.ATTENTION_LAYERS` chosen by `model.attention`.
 """
 from __future__ import annotations
 
@@ -26,15 +30,42 @@ import jax.numpy as jnp
 import optax
 
 from models.attention import NORMALIZERS
-from models.gau import GAUConfig, GAULanguageModel
-from models.layers import NORMS
+from models.gated_unit import NORM_POSITIONS
+from models.gau import ATTENTION_LAYERS, GAUConfig, GAULanguageModel
+from models.layers import KERNEL_INITS, NORMS, SCALE_INITS
+from models.positions import MAX_LENGTH, POSITIONS
 from train_lib import data as data_lib
 from train_lib.config_lib import ConfigError
+from train_lib.diffusion_task import DiffusionTask
 
 
 def _check_choice(key: str, value: str, choices) -> None:
     if value not in choices:
         raise ConfigError(f"config: '{key}' is {value!r}; expected one of {sorted(choices)}")
+
+
+def model_config(config) -> GAUConfig:
+    """The `GAUConfig` of `config.model`, validated; keys an older config lacks take GAUConfig's defaults."""
+    values = dict(config.model)
+    values.setdefault("train_length", config.data.seq_len)
+    cfg = GAUConfig.from_dict(values)
+    for key, choices in (("normalizer", NORMALIZERS), ("norm", NORMS), ("dtype", ("float32", "bfloat16", "float16")),
+                         ("attention", ATTENTION_LAYERS), ("position", POSITIONS), ("norm_position", NORM_POSITIONS),
+                         ("kernel_init", KERNEL_INITS), ("qk_scale_init", SCALE_INITS)):
+        _check_choice(f"model.{key}", getattr(cfg, key), choices)
+    if cfg.chunk_size <= 0 or cfg.max_positions <= 0 or cfg.performer_features <= 0:
+        raise ConfigError("config: 'model.chunk_size', 'model.max_positions' and 'model.performer_features' must be "
+                          f"positive, got {cfg.chunk_size}, {cfg.max_positions}, {cfg.performer_features}")
+    if cfg.residual_scores and cfg.attention != "gau":
+        raise ConfigError(f"config: 'model.residual_scores' (RealFormer) needs model.attention='gau', got "
+                          f"{cfg.attention!r}; FLASH and Performer have no full score matrix to pass on")
+    if cfg.position == "rope" and cfg.key_dim % 2:
+        raise ConfigError(f"config: 'model.key_dim' must be even for rotary positions, got {cfg.key_dim}")
+    longest = MAX_LENGTH[cfg.position](cfg.max_positions)
+    if longest is not None and config.data.seq_len > longest:
+        raise ConfigError(f"config: 'data.seq_len' {config.data.seq_len} exceeds the {longest} positions that "
+                          f"model.position={cfg.position!r} covers with model.max_positions={cfg.max_positions}")
+    return cfg
 
 
 class LanguageModelTask:
@@ -44,12 +75,7 @@ class LanguageModelTask:
 
     def __init__(self, config):
         self.config = config
-        model_cfg = dict(config.model)
-        _check_choice("model.normalizer", model_cfg["normalizer"], NORMALIZERS)
-        _check_choice("model.norm", model_cfg["norm"], NORMS)
-        _check_choice("model.dtype", model_cfg["dtype"], ("float32", "bfloat16", "float16"))
-        model_cfg.setdefault("train_length", config.data.seq_len)
-        self.model_config = GAUConfig.from_dict(model_cfg)
+        self.model_config = model_config(config)
         self.model = GAULanguageModel(self.model_config)
         self.seq_len = config.data.seq_len
         self.units_per_batch = config.batch_size * self.seq_len
@@ -92,13 +118,89 @@ class LanguageModelTask:
         num_tokens = self.config.final_sample_tokens
         if num_tokens <= 0:
             return ""
+        if not getattr(ATTENTION_LAYERS[self.model_config.attention], "supports_decoding", True):
+            return f"(no sample: model.attention={self.model_config.attention!r} has no decoding state)"
         from train_lib import generate  # local import: generation is only needed at the end of a run
         sample = generate.sample_text(self.model, params, prompt="def ", max_new_tokens=num_tokens,
                                       rng=jax.random.PRNGKey(self.config.seed), temperature=0.8, top_k=40)
         return "Sample (prompt 'def ', temperature 0.8, top-k 40):\n" + sample
 
 
-TASKS = {"lm": LanguageModelTask}
+class MaskedLanguageModelTask(LanguageModelTask):
+    """Byte-level masked language modelling with a bidirectional encoder (BERT's objective, GAU-α's task).
+
+    On the same byte windows as 'lm' (the first `seq_len` bytes of each), exactly
+    `max(1, round(0.15 · n))` positions per example are replaced by the token `MASK_TOKEN` = 256 (so
+    `model.vocab_size` must be at least 257) and predicted. The loss is the cross-entropy on masked
+    positions, averaged per example, then over the batch; eval reports loss, accuracy and bits per byte
+    on masked positions. Training draws the masks from the step's key; evaluation from a key fixed by
+    each batch's contents, so every evaluation of a checkpoint sees the same masks.
+    """
+
+    MASK_TOKEN = 256
+    MASK_RATE = 0.15
+
+    def __init__(self, config):
+        super().__init__(config)
+        if self.model_config.causal:
+            raise ConfigError("config: task 'mlm' needs a bidirectional encoder; set model.causal=False")
+        if self.model_config.vocab_size <= self.MASK_TOKEN:
+            raise ConfigError(f"config: task 'mlm' needs model.vocab_size ≥ {self.MASK_TOKEN + 1} (256 bytes and "
+                              f"the mask token), got {self.model_config.vocab_size}")
+
+    def num_masked(self, length: int) -> int:
+        return max(1, round(self.MASK_RATE * length))
+
+    def mask_tokens(self, tokens: jax.Array, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(inputs with masked bytes replaced by MASK_TOKEN, the boolean mask), both `[batch, n]`.
+
+        The masked positions of each row are the `num_masked(n)` smallest of n uniform draws.
+        """
+        k = self.num_masked(tokens.shape[1])
+        noise = jax.random.uniform(rng, tokens.shape)
+        threshold = jnp.sort(noise, axis=-1)[:, k - 1:k]
+        masked = noise <= threshold
+        return jnp.where(masked, self.MASK_TOKEN, tokens), masked
+
+    def _masked_nll(self, params, tokens, rng, dropout_rng=None, *, train=False):
+        inputs, masked = self.mask_tokens(tokens, rng)
+        rngs = {"dropout": dropout_rng} if train and dropout_rng is not None else {}
+        logits = self.model.apply({"params": params}, inputs, train=train, rngs=rngs)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens)
+        correct = (jnp.argmax(logits, -1) == tokens) & masked
+        return jnp.where(masked, nll, 0.0), correct, masked
+
+    def loss(self, params, batch, rng, *, train: bool = True):
+        mask_rng, dropout_rng = jax.random.split(rng)
+        nll, correct, masked = self._masked_nll(params, batch["tokens"][:, :-1], mask_rng, dropout_rng, train=train)
+        per_example = jnp.sum(nll, axis=-1) / jnp.sum(masked, axis=-1)
+        return jnp.mean(per_example), {"accuracy": jnp.sum(correct) / jnp.sum(masked)}
+
+    def eval_mask_key(self, tokens: jax.Array) -> jax.Array:
+        """A key that depends only on the batch's contents (and the seed): evaluation is repeatable."""
+        weights = jnp.arange(1, tokens.shape[1] + 1, dtype=jnp.uint32)
+        digest = jnp.sum(tokens.astype(jnp.uint32) * weights, dtype=jnp.uint32)
+        return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), digest)
+
+    def eval_sums(self, params, batch):
+        tokens = batch["tokens"][:, :-1]
+        nll, correct, masked = self._masked_nll(params, tokens, self.eval_mask_key(tokens))
+        return {"nll": jnp.sum(nll), "correct": jnp.sum(correct).astype(jnp.float32),
+                "count": jnp.sum(masked).astype(jnp.float32)}
+
+    def final_report(self, params) -> str:
+        if self.config.final_sample_tokens <= 0:
+            return ""
+        text = b"    def __init__(self, name, value=None):\n        self.name = name\n"
+        tokens = jnp.asarray([list(text)], jnp.int32)
+        inputs, masked = self.mask_tokens(tokens, jax.random.PRNGKey(self.config.seed))
+        predicted = jnp.argmax(self.model.apply({"params": params}, inputs), -1)
+        filled = jnp.where(masked, predicted, tokens)[0]
+        shown = lambda t: bytes(int(b) if b < 256 else ord("_") for b in t).decode("utf-8", "replace")  # noqa: E731
+        return f"Masked bytes (shown as _) and the model's fill-in:\n{shown(inputs[0])}{shown(filled)}"
+
+
+TASKS = {"lm": LanguageModelTask, "mlm": MaskedLanguageModelTask, "diffusion": DiffusionTask}
 
 
 def get_task(config):

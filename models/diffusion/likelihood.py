@@ -30,8 +30,13 @@ from models.diffusion.schedules import Schedule
 
 
 def gaussian_kl(mean_q, var_q, mean_p, var_p):
-    """Elementwise KL(N(mean_q, var_q) ‖ N(mean_p, var_p)) in nats."""
-    return 0.5 * (jnp.log(var_p) - jnp.log(var_q) + (var_q + jnp.square(mean_q - mean_p)) / var_p - 1.0)
+    """Elementwise KL(N(mean_q, var_q) ‖ N(mean_p, var_p)) in nats.
+
+    Written as ½(r − 1 − log r + (mean_q − mean_p)²/var_p) with r = var_q/var_p: r − 1 − log r has no
+    cancellation between large terms, so equal Gaussians give 0 to rounding of r, not of log var.
+    """
+    ratio = var_q / var_p
+    return 0.5 * (ratio - 1.0 - jnp.log(ratio) + jnp.square(mean_q - mean_p) / var_p)
 
 
 def prior_kl(x0, alpha_bar_last):
@@ -73,6 +78,16 @@ def _per_example_sum(values):
     return jnp.sum(values.reshape(values.shape[0], -1), axis=-1)
 
 
+def _check_nll_inputs(methods: dict[str, tuple[str, float]], levels: int, prediction: str) -> None:
+    for name, (method, eta) in methods.items():
+        if samplers.SAMPLERS.get(method, ("",))[0] == "ddim" and not eta > 0.0:
+            raise ValueError(f"The NLL of a DDIM-type sampler ({name!r}) needs eta > 0: with eta = 0, q is "
+                             "deterministic and every diffusion KL is infinite.")
+    if levels < 2:
+        raise ValueError(f"levels must be >= 2 (17 for digits, 256 for 8-bit images), got {levels}.")
+    pred_lib.check_prediction(prediction)
+
+
 def nll_bits_per_dim(model_fn, params, x0, rng, *, schedule: Schedule, method: str = "ddpm_beta_tilde",
                      eta: float = 1.0, gamma=None, labels=None, levels: int = 256, prediction: str = "eps",
                      clip_x0: bool = False) -> dict[str, jnp.ndarray]:
@@ -88,19 +103,32 @@ def nll_bits_per_dim(model_fn, params, x0, rng, *, schedule: Schedule, method: s
     Returns: {"prior", "diffusion", "reconstruction", "total"}: `[B]` bits/dim, and "per_step" `[B, K]`
       (column 0 is L₀; column j ≥ 1 is the KL of the step from timesteps[j] to timesteps[j−1]).
     """
-    if samplers.SAMPLERS.get(method, ("",))[0] == "ddim" and not eta > 0.0:
-        raise ValueError("The NLL of a DDIM-type sampler needs eta > 0: with eta = 0, q is deterministic "
-                         "and every diffusion KL is infinite.")
-    if levels < 2:
-        raise ValueError(f"levels must be >= 2 (17 for digits, 256 for 8-bit images), got {levels}.")
-    pred_lib.check_prediction(prediction)
-    process = samplers.reverse_process(schedule, method, eta=eta, gamma=gamma)
-    return _nll(model_fn, params, jnp.asarray(x0, jnp.float32), rng, schedule, process, labels, levels,
-                prediction, clip_x0)
+    scores = nll_bits_per_dim_of_samplers(model_fn, params, x0, rng, schedule=schedule, methods={method: (method, eta)},
+                                          gamma=gamma, labels=labels, levels=levels, prediction=prediction,
+                                          clip_x0=clip_x0)
+    return scores[method]
+
+
+def nll_bits_per_dim_of_samplers(model_fn, params, x0, rng, *, schedule: Schedule,
+                                 methods: dict[str, tuple[str, float]], gamma=None, labels=None, levels: int = 256,
+                                 prediction: str = "eps", clip_x0: bool = False) -> dict[str, dict[str, jnp.ndarray]]:
+    """`nll_bits_per_dim` of several samplers at once, {name: its result}, sharing every network call.
+
+    `methods` maps a name to (method, eta). All samplers are scored on the same draws xₜ ~ q(xₜ|x₀) and
+    differ only in p's mean rule and variance, so the K network evaluations are made once (the cost of
+    one sampler), not once per sampler.
+    """
+    _check_nll_inputs(methods, levels, prediction)
+    processes = [samplers.reverse_process(schedule, method, eta=eta, gamma=gamma) for method, eta in methods.values()]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *processes)
+    scores = _nll(model_fn, params, jnp.asarray(x0, jnp.float32), rng, schedule, stacked, labels, levels,
+                  prediction, clip_x0)
+    return {name: jax.tree.map(lambda a, m=m: a[m], scores) for m, name in enumerate(methods)}
 
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "levels", "prediction", "clip_x0"))
-def _nll(model_fn, params, x0, rng, schedule, process, labels, levels, prediction, clip_x0):
+def _nll(model_fn, params, x0, rng, schedule, processes, labels, levels, prediction, clip_x0):
+    """The bound for M reverse processes stacked on a leading axis; every result has a leading `[M]`."""
     scale = 1.0 / (np.prod(x0.shape[1:]) * np.log(2.0))
 
     def noisy(i):
@@ -112,20 +140,24 @@ def _nll(model_fn, params, x0, rng, schedule, process, labels, levels, predictio
 
     def kl_term(_, i):
         x_t, noise, eps_hat, x0_hat = noisy(i)
-        mean_q = samplers.reverse_mean(process, schedule, i, x_t, x0, noise)
-        mean_p = samplers.reverse_mean(process, schedule, i, x_t, x0_hat, eps_hat)
-        return None, _per_example_sum(gaussian_kl(mean_q, process.lambda2[i], mean_p, process.sigma2[i]))
+
+        def kl(process):
+            mean_q = samplers.reverse_mean(process, schedule, i, x_t, x0, noise)
+            mean_p = samplers.reverse_mean(process, schedule, i, x_t, x0_hat, eps_hat)
+            return _per_example_sum(gaussian_kl(mean_q, process.lambda2[i], mean_p, process.sigma2[i]))
+
+        return None, jax.vmap(kl)(processes)  # [M, B]
 
     _, _, _, x0_hat = noisy(0)
-    decoder = -_per_example_sum(
-        discretized_gaussian_log_likelihood(x0, x0_hat, process.sigma2[0], levels=levels))
+    decoder = jax.vmap(lambda process: -_per_example_sum(
+        discretized_gaussian_log_likelihood(x0, x0_hat, process.sigma2[0], levels=levels)))(processes)  # [M, B]
     if schedule.num_steps > 1:
-        _, kls = jax.lax.scan(kl_term, None, jnp.arange(1, schedule.num_steps))
-        per_step = jnp.concatenate([decoder[:, None], kls.T], axis=1) * scale
+        _, kls = jax.lax.scan(kl_term, None, jnp.arange(1, schedule.num_steps))  # [K-1, M, B]
+        per_step = jnp.concatenate([decoder[:, :, None], jnp.moveaxis(kls, 0, -1)], axis=2) * scale
     else:
-        per_step = decoder[:, None] * scale
-    prior = prior_kl(x0, schedule.alpha_bar[-1]) * scale
-    diffusion = jnp.sum(per_step[:, 1:], axis=1)
-    reconstruction = per_step[:, 0]
+        per_step = decoder[:, :, None] * scale
+    prior = jnp.broadcast_to(prior_kl(x0, schedule.alpha_bar[-1]) * scale, decoder.shape)
+    diffusion = jnp.sum(per_step[:, :, 1:], axis=2)
+    reconstruction = per_step[:, :, 0]
     return dict(prior=prior, diffusion=diffusion, reconstruction=reconstruction,
                 total=prior + diffusion + reconstruction, per_step=per_step)

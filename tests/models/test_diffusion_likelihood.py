@@ -140,3 +140,19 @@ def test_nll_rejects_deterministic_ddim():
     with pytest.raises(ValueError, match="eta > 0"):
         likelihood.nll_bits_per_dim(oracles.scaled_input, None, np.zeros((1, 4, 4, 1)), jax.random.PRNGKey(0),
                                     schedule=K6, method="ddim", eta=0.0, levels=LEVELS)
+
+
+def test_scoring_several_samplers_at_once_equals_scoring_each():
+    x0 = _grid_data(jax.random.PRNGKey(5), (4, 4, 4, 1), LEVELS)
+    gamma = np.linspace(0.2, 0.95, K6.num_steps)
+    methods = {"beta": ("ddpm_beta", 0.0), "analytic": ("analytic_ddpm", 0.0), "ddim": ("ddim", 0.7)}
+    together = likelihood.nll_bits_per_dim_of_samplers(oracles.scaled_input, None, x0, jax.random.PRNGKey(6),
+                                                       schedule=K6, methods=methods, gamma=gamma, levels=LEVELS)
+    assert set(together) == set(methods)
+    for name, (method, eta) in methods.items():
+        alone = likelihood.nll_bits_per_dim(oracles.scaled_input, None, x0, jax.random.PRNGKey(6), schedule=K6,
+                                            method=method, eta=eta, gamma=gamma, levels=LEVELS)
+        for key in ("prior", "diffusion", "reconstruction", "total", "per_step"):
+            np.testing.assert_allclose(together[name][key], alone[key], rtol=1e-6, err_msg=f"{name} {key}")
+    # The three samplers share the draws but not their variances: their bounds differ.
+    assert len({round(float(np.mean(v["total"])), 6) for v in together.values()}) == 3

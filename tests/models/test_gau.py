@@ -7,6 +7,8 @@ import pytest
 
 from models import attention, layers
 from models.gau import GAUConfig, GAULanguageModel
+from tests.models import gau_references as ref
+from tests.models.gau_fixtures import tiny_model
 
 
 def _np_rope(x, positions, base=10000.0):
@@ -37,20 +39,7 @@ def test_rope_matches_numpy_and_is_relative():
     np.testing.assert_allclose(float(qs[0, 0] @ ks[0, 0]), float(qs[0, 1] @ ks[0, 1]), rtol=2e-3)
 
 
-def _np_normalize(name, scores, mask, s):
-    scores = scores.astype(np.float64)
-    counts = np.maximum(mask.sum(-1, keepdims=True), 1)
-    if name == "softmax":
-        z = np.where(mask, scores / np.sqrt(s), -np.inf)
-        z = z - z.max(-1, keepdims=True)
-        w = np.where(mask, np.exp(z), 0.0)
-        return w / w.sum(-1, keepdims=True)
-    if name == "relu2":
-        return np.where(mask, np.maximum(scores / np.sqrt(s), 0) ** 2 / counts, 0.0)
-    raise KeyError(name)
-
-
-@pytest.mark.parametrize("name", ["softmax", "relu2"])
+@pytest.mark.parametrize("name", sorted(attention.NORMALIZERS))
 def test_normalizers_match_numpy_with_causal_and_padding_masks(name):
     rng = np.random.default_rng(1)
     scores = rng.normal(scale=8.0, size=(2, 7, 7)).astype(np.float32)
@@ -58,8 +47,47 @@ def test_normalizers_match_numpy_with_causal_and_padding_masks(name):
     mask = np.asarray(attention.attention_mask(jnp.arange(7), jnp.arange(7), causal=True,
                                                key_valid=jnp.asarray(key_valid)))
     assert mask[1, 6].sum() == 4 and mask[0, 2].sum() == 3  # l = visible, unpadded keys
-    got = attention.get_normalizer(name)(jnp.asarray(scores), jnp.asarray(mask), key_dim=16, train_length=7)
-    np.testing.assert_allclose(np.asarray(got), _np_normalize(name, scores, mask, 16), rtol=1e-5, atol=1e-7)
+    got = attention.get_normalizer(name)(jnp.asarray(scores), jnp.asarray(mask), key_dim=16, train_length=5)
+    want = ref.normalize(name, scores, mask, key_dim=16, train_length=5)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=1e-7)
+    assert np.all(np.asarray(got)[~mask] == 0)
+
+
+def test_relu2_paper_divides_every_row_by_the_unpadded_sequence_length():
+    """The documented choice: n is the sequence's length without padding, the same for all causal rows."""
+    scores = jnp.full((2, 6, 6), 3.0)
+    key_valid = jnp.array([[True] * 6, [True] * 4 + [False] * 2])
+    mask = attention.attention_mask(jnp.arange(6), jnp.arange(6), causal=True, key_valid=key_valid)
+    weights = np.asarray(attention.relu2_paper(scores, mask, key_dim=16, train_length=99))
+    np.testing.assert_allclose(weights[0][np.asarray(mask[0])], (3.0 / 6) ** 2)
+    np.testing.assert_allclose(weights[1][np.asarray(mask[1])], (3.0 / 4) ** 2)
+    explicit = attention.relu2_paper(scores, mask, key_dim=16, train_length=99, sequence_length=jnp.array([6, 4]))
+    np.testing.assert_array_equal(np.asarray(explicit), weights)
+
+
+def test_normalizers_handle_extreme_scores_and_empty_rows():
+    scores = jnp.array([[[3000.0, -3000.0, 2990.0], [5.0, 6.0, 7.0]]])
+    mask = jnp.array([[[True, True, True], [False, False, False]]])
+    for name in attention.NORMALIZERS:
+        got = np.asarray(attention.get_normalizer(name)(scores, mask, key_dim=1, train_length=3))
+        assert np.all(np.isfinite(got)) and np.all(got[0, 1] == 0), name
+    got = np.asarray(attention.l2(scores, mask, key_dim=1, train_length=3))[0, 0]
+    want = ref.normalize_row("l2", np.asarray(scores[0, 0]), np.ones(3, bool), key_dim=1)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(np.sum(got ** 2), 1.0, rtol=1e-6)  # unit ℓ2 norm, not unit sum
+
+
+def test_softmax_plus_scale_follows_visible_length():
+    """softmax_plus = softmax with logits scaled by log(max(l,16))/log 512: l = 512 is plain softmax."""
+    rng = np.random.default_rng(2)
+    scores = jnp.asarray(rng.normal(size=(1, 1, 512)), jnp.float32)
+    mask = jnp.ones((1, 1, 512), bool)
+    np.testing.assert_allclose(np.asarray(attention.softmax_plus(scores, mask, key_dim=4, train_length=1)),
+                               np.asarray(attention.softmax(scores, mask, key_dim=4, train_length=1)), rtol=1e-5)
+    short = mask.at[..., 8:].set(False)  # l = 8 < 16: the scale is log 16 / log 512 = 4/9
+    np.testing.assert_allclose(np.asarray(attention.softmax_plus(scores, short, key_dim=4, train_length=1)),
+                               np.asarray(attention.softmax(scores * 4 / 9, short, key_dim=4, train_length=1)),
+                               rtol=1e-5, atol=1e-7)
 
 
 def test_unknown_normalizer_lists_choices():
@@ -77,20 +105,23 @@ def _model_and_params(normalizer, causal=True, scale=20.0):
     return model, params
 
 
-@pytest.mark.parametrize("normalizer", ["softmax", "relu2"])
+@pytest.mark.parametrize("normalizer", ["softmax", "relu2_paper", "l2", *(
+    pytest.param(name, marks=pytest.mark.slow) for name in ("relu2", "relu2_fixed", "softmax_plus"))])
 def test_kv_cache_decoding_equals_full_forward(normalizer):
-    model, params = _model_and_params(normalizer)
+    model, params = tiny_model(normalizer=normalizer, train_length=12)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 256)
     full = model.apply({"params": params}, tokens)
     from train_lib.generate import init_cache
-    cache = init_cache(model, 2, 16)
+    # relu2_paper divides by the sequence length n, which under decoding is the cache length.
+    cache = init_cache(model, 2, 12 if normalizer == "relu2_paper" else 16)
     pieces = []
     for chunk in (tokens[:, :5], tokens[:, 5:6], tokens[:, 6:7], tokens[:, 7:12]):  # prompt, tokens, a chunk
         logits, variables = model.apply({"params": params, "cache": cache}, chunk, decode=True, mutable=["cache"])
         cache = variables["cache"]
         pieces.append(logits)
     decoded = jnp.concatenate(pieces, axis=1)
-    assert float(jnp.max(jnp.abs(full))) > 0.1
+    earlier = model.apply({"params": params}, tokens.at[:, 0].set((tokens[:, 0] + 1) % 256))
+    assert float(jnp.max(jnp.abs(earlier[:, -1] - full[:, -1]))) > 1e-3  # attention carries information
     np.testing.assert_allclose(np.asarray(decoded), np.asarray(full), rtol=1e-5, atol=1e-5)
 
 
@@ -133,6 +164,71 @@ def test_parameters_carry_logical_names_and_gau_size():
     d, e, s = 64, 128, 32
     count = sum(np.prod(x.value.shape) for x in jax.tree.leaves(layer, is_leaf=lambda x: hasattr(x, "names")))
     assert count == 3 * d * e + d * s + 2 * s + d  # W_uv, W_o, W_z, γ of Q and K (no β without biases), norm
+
+
+def test_realformer_adds_previous_layer_scores():
+    """Post 8027: S_l = Q_l K_lᵀ + S_{l−1}. Layer 1 given layer 0's scores returns its own plus those."""
+    from models.gau import GatedAttentionUnit
+    cfg = GAUConfig(num_layers=2, embed_dim=32, key_dim=16, residual_scores=True)
+    x = jax.random.normal(jax.random.PRNGKey(0), (1, 6, 32))
+    rope = layers.rope_tables(jnp.arange(6), 16)
+    layer = GatedAttentionUnit(cfg)
+    p0, p1 = (nn.unbox(layer.init(jax.random.PRNGKey(i), x, rope, jnp.arange(6))["params"]) for i in (1, 2))
+    x1, s0 = layer.apply({"params": p0}, x, rope, jnp.arange(6))
+    _, own = layer.apply({"params": p1}, x1, rope, jnp.arange(6))
+    (y_res, s1), state = layer.apply({"params": p1}, x1, rope, jnp.arange(6), None, None, s0,
+                                     mutable=["intermediates"])
+    np.testing.assert_allclose(np.asarray(s1), np.asarray(own + s0), rtol=1e-6)
+    weights = state["intermediates"]["attention_weights"][0]
+    mask = attention.attention_mask(jnp.arange(6), jnp.arange(6), causal=True)
+    np.testing.assert_allclose(np.asarray(weights), ref.normalize("softmax", np.asarray(own + s0), np.asarray(mask),
+                                                                  key_dim=16), rtol=1e-5, atol=1e-7)
+    # and the language model threads the scores through: switching it off changes layer 1 only
+    model, params = tiny_model(residual_scores=True)
+    plain = GAULanguageModel(GAUConfig(num_layers=2, embed_dim=32, key_dim=16))
+    tokens = jnp.arange(10)[None] * 7
+    _, with_res = model.apply({"params": params}, tokens, mutable=["intermediates"])
+    _, without = plain.apply({"params": params}, tokens, mutable=["intermediates"])
+    w = lambda s, i: np.asarray(s["intermediates"][f"layer_{i}"]["attention_weights"][0])  # noqa: E731
+    np.testing.assert_array_equal(w(with_res, 0), w(without, 0))
+    assert not np.allclose(w(with_res, 1), w(without, 1), atol=1e-3)
+
+
+def test_hierarchical_positions_keep_first_rows_and_follow_post_7947():
+    from models.positions import hierarchical_position_embeddings
+    table = np.random.default_rng(3).normal(size=(5, 4)).astype(np.float32)
+    positions = np.arange(25)
+    got = np.asarray(hierarchical_position_embeddings(jnp.asarray(table), jnp.asarray(positions), alpha=0.4))
+    np.testing.assert_array_equal(got[:5], table)  # the first n positions are the trained table, bit for bit
+    np.testing.assert_allclose(got, ref.hierarchical_positions(table, positions, 0.4), rtol=1e-5, atol=1e-6)
+    # A model with the extension equals one without it up to the table's length, and runs beyond it.
+    model, params = tiny_model(position="learned_hierarchical", max_positions=8)
+    flat = GAULanguageModel(GAUConfig(num_layers=2, embed_dim=32, key_dim=16, position="learned", max_positions=8))
+    tokens = jnp.arange(20)[None] * 11 % 256
+    np.testing.assert_array_equal(np.asarray(model.apply({"params": params}, tokens[:, :8])),
+                                  np.asarray(flat.apply({"params": params}, tokens[:, :8])))
+    assert np.all(np.isfinite(np.asarray(model.apply({"params": params}, tokens))))
+
+
+def test_gau_alpha_init_std_and_post_norm():
+    """GAU-α: truncated normal, std L^{-1/3}/√fan_in after truncation (1.13684723 corrects it); Post-Norm
+    with a scale-free RMSNorm leaves every layer's output with unit root-mean-square."""
+    init = layers.depth_scaled_truncated_normal(24)
+    w = np.asarray(init(jax.random.PRNGKey(0), (768, 2, 1536)))
+    target = 24 ** (-1 / 3) / np.sqrt(768)
+    assert abs(w.std() / target - 1) < 0.01
+    assert np.abs(w).max() <= 2 * 1.13684723 * target * (1 + 1e-6)
+    cfg = dict(norm_position="post", norm="rmsnorm_noscale", use_bias=False, kernel_init="gau_alpha",
+               normalizer="softmax_plus", causal=False)
+    model, params = tiny_model(**cfg)
+    assert "norm" not in params["layer_0"]  # the scale-free RMSNorm has no parameters
+    assert "bias" not in params["layer_0"]["uv"] and "final_norm" not in params
+    emb = np.asarray(params["embed"]["embedding"])
+    assert abs(emb.std() / (2 ** (-1 / 3) / np.sqrt(32)) - 1) < 0.05  # the embedding's fan-in is d
+    _, state = model.apply({"params": params}, jnp.arange(12)[None], capture_intermediates=True,
+                           mutable=["intermediates"])
+    out = np.asarray(state["intermediates"]["layer_1"]["__call__"][0][0])
+    np.testing.assert_allclose(np.sqrt(np.mean(out ** 2, axis=-1)), 1.0, rtol=1e-4)
 
 
 def test_bfloat16_compute_keeps_float32_parameters_and_float32_logits():

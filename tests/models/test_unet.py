@@ -81,7 +81,11 @@ def test_parameters_carry_logical_axis_names():
     boxes = jax.tree_util.tree_leaves(shapes, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     assert boxes and all(isinstance(b, nn.LogicallyPartitioned) and len(b.names) == b.value.ndim for b in boxes)
     specs = nn.get_partition_spec(shapes)["params"]
-    assert tuple(specs["conv_in"]["kernel"]) == ("conv_h", "conv_w", "conv_in", "conv_out")
+    assert tuple(specs["down0_0_res"]["conv1"]["kernel"]) == ("conv_h", "conv_w", "conv_in", "conv_out")
+    # The image's 1 or 3 channels get their own name, so rules can shard conv_in/conv_out everywhere else.
+    assert tuple(specs["conv_in"]["kernel"]) == ("conv_h", "conv_w", "image_channels", "conv_out")
+    assert tuple(specs["conv_out"]["kernel"]) == ("conv_h", "conv_w", "conv_in", "image_channels")
+    assert tuple(specs["conv_out"]["bias"]) == ("image_channels",)
     assert tuple(specs["temb_in"]["kernel"]) == ("embed", "mlp")
     assert tuple(specs["class_embed"]["embedding"]) == ("classes", "embed")
 

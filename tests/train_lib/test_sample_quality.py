@@ -76,5 +76,8 @@ def test_save_image_grid_round_trip(tmp_path):
     grid = np.asarray(Image.open(path))
     assert grid.shape == (2 * (2 * 3 + 1), 2 * (2 * 4 + 1))
     assert grid[2, 2] == 0 and grid[2, 2 * 5] == 128 and grid[2 * 4, 2] == 255 and grid[0, 0] == 0
+    sample_quality.save_image_grid(images, str(path), ncols=2, pad_value=96)
+    grid = np.asarray(Image.open(path))
+    assert grid[0, 0] == 96 and grid[1, 1] == 0 and grid[1, 4] == 96 and grid[1, 5] == 128
     with pytest.raises(ValueError, match="expects"):
         sample_quality.save_image_grid(np.zeros((2, 3, 3)), str(path))

@@ -1,0 +1,209 @@
+r"""Length generalisation of GAU's attention normalisers and of FLASH (posts 8823, 9019, 8934).
+
+Question: a byte-level causal LM trained at length 128 is evaluated at 64 … 2048. Which attention
+keeps its quality at lengths it never saw? Post 9019 says GAU with relu²/n generalises poorly (its
+normaliser grows with n while the useful support stays local), softmax better, and the entropy-
+invariant softmax_plus best; FLASH's local part is fixed-size, so it should not care about length.
+
+Variants (the rest is experiments/gau_lm.py:tiny — d=128, s=64, RoPE, pre-norm RMSNorm, AdamW):
+  relu2         relu²(QKᵀ/√s) / l, l = visible keys
+  relu2_fixed   relu²(QKᵀ/√s) / 128 (the training length, at every length)
+  softmax       softmax(QKᵀ/√s)
+  softmax_plus  softmax(QKᵀ/√s · log(max(l,16))/log 512)
+  flash         FLASH mixed chunk attention, C = 32, local relu²(·/C) (paper), global linear part
+
+Run (each model × seed trains into WORKDIR/<model>_seed<seed>/, then `train_lib.evaluate`'s
+`evaluate_lengths` scores it; finished runs are reused, so an interrupted study resumes):
+
+  python -m experiments.length_generalization --config=experiments/length_generalization.py:small \
+      --config.workdir=runs/length_generalization
+  python -m experiments.length_generalization --config=experiments/length_generalization.py:base ...  # accelerators
+  python -m train_lib.evaluate --workdir=runs/length_generalization/softmax_seed0 --lengths=64,128,256,512,1024,2048
+
+Writes WORKDIR/results.json, results.md (the table) and length_generalization.png.
+
+Result: see RESULT below (filled in from the run it names).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import gau_lm
+
+MODELS = {
+    "relu2": {"model.normalizer": "relu2"},
+    "relu2_fixed": {"model.normalizer": "relu2_fixed"},
+    "softmax": {"model.normalizer": "softmax"},
+    "softmax_plus": {"model.normalizer": "softmax_plus"},
+    "flash": {"model.attention": "flash", "model.normalizer": "relu2_paper"},
+}
+
+
+def get_config(arg: str | None = "small") -> ml_collections.ConfigDict:
+    """'small' (2-core CPU, < 1 hour for everything), 'base' (accelerators), 'quick' (a smoke run)."""
+    arg = arg or "small"
+    config = ml_collections.ConfigDict()
+    config.workdir = "runs/length_generalization"
+    config.models = tuple(MODELS)
+    config.seeds = (0, 1)
+    config.train_length = 128
+    config.lengths = (64, 128, 256, 512, 1024, 2048)
+    config.eval_tokens = 16384  # validation bytes per length (the same first bytes at every length)
+    config.batch_tokens = 8192
+    config.chunk_size = 32  # FLASH's C: four chunks per training window, so the global part is trained
+    # γ of the Q/K scale-offsets, for every model: 'ones' (bert4keras, GAU-α). With the paper's N(0, 0.02²)
+    # relu² attention never leaves its saddle at Q·K = 0 (see models/layers.ScaleOffset).
+    config.qk_scale_init = "ones"
+    # Training, shared by every run (the rest of experiments/gau_lm.py:tiny is kept).
+    config.total_steps = 600
+    config.batch_size = 16
+    config.learning_rate = 3e-3
+    config.warmup_steps = 60
+    config.num_layers = 4
+    config.embed_dim = 128
+    config.key_dim = 64
+    if arg == "base":
+        config.train_length = 512
+        config.lengths = (256, 512, 1024, 2048, 4096, 8192)
+        config.eval_tokens = 262144
+        config.batch_tokens = 65536
+        config.chunk_size = 128
+        config.seeds = (0, 1, 2)
+        config.total_steps, config.batch_size, config.learning_rate, config.warmup_steps = 20000, 64, 1e-3, 1000
+        config.num_layers, config.embed_dim, config.key_dim = 8, 512, 128
+    elif arg == "quick":
+        config.seeds = (0,)
+        config.train_length = 32
+        config.lengths = (32, 64)
+        config.eval_tokens = 2048
+        config.chunk_size = 8
+        config.total_steps, config.batch_size, config.warmup_steps = 4, 8, 1
+        config.num_layers, config.embed_dim, config.key_dim = 1, 32, 16
+    elif arg != "small":
+        raise ValueError(f"unknown variant {arg!r} of experiments/length_generalization.py; expected 'small', "
+                         "'base' or 'quick'")
+    return config
+
+
+def run_config(config: ml_collections.ConfigDict, model: str, seed: int) -> ml_collections.ConfigDict:
+    """The gau_lm training config of one (model, seed) run."""
+    steps = config.total_steps
+    overrides = {**MODELS[model], "seed": seed, "total_steps": steps, "batch_size": config.batch_size,
+                 "optimizer.learning_rate": config.learning_rate, "optimizer.warmup_steps": config.warmup_steps,
+                 "model.num_layers": config.num_layers, "model.embed_dim": config.embed_dim,
+                 "model.key_dim": config.key_dim, "data.seq_len": config.train_length,
+                 "model.chunk_size": config.chunk_size, "model.qk_scale_init": config.qk_scale_init,
+                 "ema_decay": 0.0, "final_sample_tokens": 0,
+                 "eval_every_steps": steps, "checkpoint_every_steps": steps, "log_every_steps": max(1, steps // 10),
+                 "mesh.data": -1}
+    run = gau_lm.get_config("tiny")
+    for key, value in overrides.items():
+        node = run
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return run
+
+
+def train_and_score(config, model: str, seed: int, stream: np.ndarray) -> dict:
+    """Trains (or reuses) one run and evaluates it at every length."""
+    from train_lib import evaluate, generate, trainer
+    workdir = pathlib.Path(config.workdir) / f"{model}_seed{seed}"
+    start = time.time()
+    trainer.train_and_evaluate(run_config(config, model, seed), str(workdir))
+    train_seconds = time.time() - start
+    task, params, step = generate.load_params(workdir, use_ema=False)
+    start = time.time()
+    rows = evaluate.evaluate_lengths(task, params, list(config.lengths), stream=stream,
+                                     max_tokens=config.eval_tokens, batch_tokens=config.batch_tokens)
+    return {"model": model, "seed": seed, "step": step, "train_seconds": train_seconds,
+            "eval_seconds": time.time() - start, "rows": rows}
+
+
+def _cell(values: list[float]) -> str:
+    values = np.asarray(values)
+    spread = (values.max() - values.min()) / 2
+    return f"{values.mean():.3f}" + (f" ± {spread:.3f}" if len(values) > 1 else "")
+
+
+def results_table(results: list[dict], lengths, metric: str) -> str:
+    """Markdown: one row per model, one column per length, mean ± half-range over seeds."""
+    lines = ["| model | " + " | ".join(f"n={n}" for n in lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for model in dict.fromkeys(r["model"] for r in results):
+        runs = [r for r in results if r["model"] == model]
+        cells = [_cell([next(row[metric] for row in r["rows"] if row["length"] == n) for r in runs]) for n in lengths]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], lengths, train_length: int, path: pathlib.Path) -> None:
+    """Bits per byte and accuracy against evaluation length (log scale), mean and seed range per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for model in dict.fromkeys(r["model"] for r in results):
+        runs = [r for r in results if r["model"] == model]
+        for ax, metric in zip(axes, ("bits_per_byte", "accuracy")):
+            values = np.array([[next(row[metric] for row in r["rows"] if row["length"] == n) for n in lengths]
+                               for r in runs])
+            line, = ax.plot(lengths, values.mean(0), marker="o", label=model)
+            ax.fill_between(lengths, values.min(0), values.max(0), color=line.get_color(), alpha=0.2)
+    for ax, label in zip(axes, ("bits per byte (lower is better)", "next-byte accuracy")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("evaluation length (trained at the dotted line)")
+        ax.set_ylabel(label)
+        ax.axvline(train_length, ls=":", c="gray")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(config: ml_collections.ConfigDict) -> str:
+    from train_lib import cli, data as data_lib
+    cli.setup_logging()  # the trainer's progress lines, without Orbax's and absl's INFO chatter
+    start = time.time()
+    workdir = pathlib.Path(config.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    stream = data_lib.load_text("").validation
+    results = []
+    for model in config.models:
+        for seed in config.seeds:
+            result = train_and_score(config, model, seed, stream)
+            results.append(result)
+            print(f"{model} seed {seed}: trained {result['train_seconds']:.0f} s, evaluated "
+                  f"{result['eval_seconds']:.0f} s", flush=True)
+            (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    lengths = list(config.lengths)
+    text = (f"Bits per byte (mean ± half-range over seeds {tuple(config.seeds)}), trained at n={config.train_length}:\n\n"
+            + results_table(results, lengths, "bits_per_byte")
+            + "\n\nNext-byte accuracy:\n\n" + results_table(results, lengths, "accuracy")
+            + f"\n\nTotal {time.time() - start:.0f} s on {jax.device_count()} {jax.devices()[0].platform} device(s).")
+    (workdir / "results.md").write_text(text + "\n")
+    plot(results, lengths, config.train_length, workdir / "length_generalization.png")
+    return text
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    print(run(_CONFIG.value))
+
+
+if __name__ == "__main__":
+    from absl import app, logging as absl_logging
+    from ml_collections import config_flags
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    # Defined here, not at import: config_flags re-imports this file to call get_config.
+    _CONFIG = config_flags.DEFINE_config_file("config", default=__file__, help_string="experiment config")
+    app.run(main)

@@ -1,0 +1,280 @@
+"""The 'diffusion' task: a U-Net denoiser on images, trained and evaluated by the generic trainer.
+
+Implements the task contract of `train_lib.tasks` with the library in `models/diffusion`:
+
+- batches are {"images": `[B, H, W, C]` float32 in [−1, 1] on the data's grey-level grid, "labels": `[B]`
+  int32}; `data.path` '' is scikit-learn's 8×8 digits (17 levels), a directory is CIFAR-10's Python pickle
+  batches (256 levels), both read by `train_lib.image_data`;
+- the loss is `models.diffusion.training.diffusion_loss` (ε-, x₀- or v-prediction, "simple" or "elbo"
+  weighting, t uniform over the full schedule), with optional random horizontal flips and, for a
+  class-conditional U-Net (`model.num_classes > 0`), optional label dropout to the "no class" token;
+- evaluation on the test split reports the same loss and the K-step NLL bound in bits/dim
+  (`diffusion.eval_nll_steps`, sampler `diffusion.eval_nll_method`, with its prior, diffusion and
+  reconstruction terms), both on noise drawn from a key fixed by each batch's contents, so every
+  evaluation of a checkpoint is the same;
+- the final report draws a few samples and prints them (as text, for digits).
+
+Sampling, FCD/KID and the full NLL and sample-quality table are `train_lib.sample`.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import sys
+from typing import Any
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models import unet as unet_lib
+from models.diffusion import likelihood, prediction, samplers, schedules, training
+from train_lib import data as data_lib
+from train_lib import image_data
+from train_lib.config_lib import ConfigError
+
+# Image shapes of the datasets, known before any file is read (the trainer needs shapes first).
+IMAGE_SHAPES = {"digits": (8, 8, 1), "cifar10": (32, 32, 3)}
+# Samplers whose NLL needs nothing but the network: the analytic ones need Γ (train_lib.sample
+# estimates and caches it) and DDIM's needs η > 0.
+EVAL_NLL_METHODS = ("ddpm_beta", "ddpm_beta_tilde")
+_ASCII_RAMP = " .:-=+*#%@"
+
+
+def dataset_name(config) -> str:
+    """`data.dataset` ('digits', bundled with scikit-learn, or 'cifar10', read from the directory `data.path`);
+    a config without the key means 'digits' for `data.path` '' and 'cifar10' otherwise."""
+    name = config.data.get("dataset", "") or ("cifar10" if config.data.path else "digits")
+    _check("data.dataset", name, IMAGE_SHAPES)
+    if name == "cifar10" and not config.data.path:
+        raise ConfigError("config: 'data.path' must name the directory of CIFAR-10's Python pickle batches "
+                          "(cifar-10-batches-py) for data.dataset='cifar10'; nothing is downloaded")
+    if name == "digits" and config.data.path:
+        raise ConfigError(f"config: data.dataset='digits' is bundled with scikit-learn and reads no 'data.path' "
+                          f"(got {config.data.path!r}); set data.path='' or data.dataset='cifar10'")
+    return name
+
+
+def unet_config(config, image_shape: tuple[int, int, int]) -> unet_lib.UNetConfig:
+    """The `UNetConfig` of `config.model` (all keys but 'name'), validated against the image shape."""
+    values = {k: v for k, v in config.model.items() if k != "name"}
+    try:
+        cfg = unet_lib.UNetConfig.from_dict(values)
+        cfg.validate(image_shape)
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+    return cfg
+
+
+def _check(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"config: '{key}' is {value!r}; expected one of {sorted(choices)}")
+
+
+def validate_diffusion_config(config) -> None:
+    """Choices and ranges of `config.diffusion` and `config.sample`, checked before anything compiles."""
+    d, s = config.diffusion, config.sample
+    _check("diffusion.schedule", d.schedule, schedules.BETA_SCHEDULES)
+    _check("diffusion.prediction", d.prediction, prediction.PREDICTIONS)
+    _check("diffusion.weighting", d.weighting, training.WEIGHTINGS)
+    _check("diffusion.eval_nll_method", d.eval_nll_method, EVAL_NLL_METHODS)
+    _check("sample.sampler", s.sampler, samplers.SAMPLERS)
+    _check("sample.spacing", s.spacing, schedules.SPACINGS)
+    if d.num_timesteps < 2:
+        raise ConfigError(f"config: 'diffusion.num_timesteps' must be at least 2, got {d.num_timesteps}")
+    if not 0 <= d.eval_nll_steps <= d.num_timesteps:
+        raise ConfigError(f"config: 'diffusion.eval_nll_steps' must be in 0..{d.num_timesteps} (0 skips the NLL), "
+                          f"got {d.eval_nll_steps}")
+    if s.get("report_samples", 0) < 0:
+        raise ConfigError(f"config: 'sample.report_samples' must be non-negative (0: none), got {s.report_samples}")
+    if not 1 <= s.steps <= d.num_timesteps:
+        raise ConfigError(f"config: 'sample.steps' must be in 1..{d.num_timesteps}, got {s.steps}")
+    if not 0.0 <= d.label_dropout < 1.0:
+        raise ConfigError(f"config: 'diffusion.label_dropout' must be in [0, 1), got {d.label_dropout}")
+    if d.label_dropout > 0 and config.model.num_classes == 0:
+        raise ConfigError("config: 'diffusion.label_dropout' > 0 needs a class-conditional model "
+                          "(model.num_classes > 0)")
+
+
+def denoise(model: nn.Module, params, x, t, labels=None):
+    """The network as the diffusion library calls it: `(params, x [B,H,W,C], t [B]) -> output`, no dropout."""
+    return model.apply({"params": params}, x, t, labels=labels, train=False)
+
+
+class ImageExamples:
+    """Random-access source of {"images": `[H, W, C]`, "labels": scalar} examples for grain."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self._images, self._labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"images": self._images[index], "labels": self._labels[index]}
+
+
+def stack_examples(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {"images": np.stack([e["images"] for e in examples]).astype(np.float32),
+            "labels": np.asarray([e["labels"] for e in examples], np.int32)}
+
+
+def fingerprint(data: image_data.ImageDataset) -> str:
+    digest = hashlib.sha256()
+    for array in (data.train_images, data.train_labels, data.test_images, data.test_labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:12]
+
+
+class DiffusionTask:
+    """Denoising diffusion on images with the DDPM U-Net (`models.unet`)."""
+
+    throughput_unit = "images"
+
+    def __init__(self, config):
+        validate_diffusion_config(config)
+        self.config = config
+        self.dataset = dataset_name(config)
+        self.image_shape = IMAGE_SHAPES[self.dataset]
+        self.levels = 17 if self.dataset == "digits" else 256
+        self.unet_config = unet_config(config, self.image_shape)
+        self.model = unet_lib.UNet(self.unet_config)
+        self.num_classes = self.unet_config.num_classes
+        d = config.diffusion
+        self.prediction, self.weighting = d.prediction, d.weighting
+        self.schedule = schedules.make_schedule(d.schedule, d.num_timesteps)
+        self.eval_schedule = schedules.respace(self.schedule, d.eval_nll_steps) if d.eval_nll_steps else None
+        # One object for the library's static `model_fn` argument: every call shares its compilations.
+        self.denoiser = functools.partial(denoise, self.model)
+        self.units_per_batch = config.batch_size
+
+    @functools.cached_property
+    def data(self) -> image_data.ImageDataset:
+        """The train and test images, read on first use (restoring a checkpoint does not need them)."""
+        try:
+            return image_data.load_image_dataset(self.dataset, self.config.data.path or None)
+        except ValueError as e:
+            raise ConfigError(f"config: 'data.path': {e}") from None
+
+    def labels_for_model(self, labels):
+        """The labels the U-Net sees: None for an unconditional model."""
+        return labels if self.num_classes > 0 else None
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {"images": jax.ShapeDtypeStruct((batch_size,) + self.image_shape, jnp.float32),
+                "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+    def init_params(self, rng: jax.Array, batch: dict[str, jax.Array]) -> Any:
+        t = jnp.ones(batch["labels"].shape, jnp.int32)
+        return self.model.init({"params": rng}, batch["images"], t, labels=self.labels_for_model(batch["labels"]),
+                               train=False)["params"]
+
+    def loss(self, params, batch, rng, *, train: bool = True):
+        flip_rng, label_rng, loss_rng = jax.random.split(rng, 3)
+        images, labels = batch["images"], batch["labels"]
+        batch_size = images.shape[0]
+        if train and self.config.data.random_flip:
+            flip = jax.random.bernoulli(flip_rng, 0.5, (batch_size, 1, 1, 1))
+            images = jnp.where(flip, images[:, :, ::-1], images)
+        if train and self.num_classes > 0 and self.config.diffusion.label_dropout > 0:
+            dropped = jax.random.bernoulli(label_rng, self.config.diffusion.label_dropout, (batch_size,))
+            labels = jnp.where(dropped, self.num_classes, labels)
+        apply_fn = functools.partial(self.model.apply, train=train)
+        per_example = training.diffusion_loss(apply_fn, {"params": params}, images, loss_rng, schedule=self.schedule,
+                                              prediction=self.prediction, weighting=self.weighting,
+                                              labels=self.labels_for_model(labels))
+        return jnp.mean(per_example), {}
+
+    def eval_key(self, images: jax.Array) -> jax.Array:
+        """A key that depends only on the batch's contents (and the seed): evaluation is repeatable."""
+        levels = jnp.round((images + 1.0) * (self.levels - 1) / 2.0).astype(jnp.uint32).reshape(images.shape[0], -1)
+        weights = jnp.arange(1, levels.shape[1] + 1, dtype=jnp.uint32)
+        rows = jnp.arange(1, levels.shape[0] + 1, dtype=jnp.uint32)[:, None]
+        digest = jnp.sum(levels * weights * rows, dtype=jnp.uint32)
+        return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), digest)
+
+    def eval_sums(self, params, batch):
+        images, labels = batch["images"], self.labels_for_model(batch["labels"])
+        loss_rng, nll_rng = jax.random.split(self.eval_key(images))
+        apply_fn = functools.partial(self.model.apply, train=False)
+        per_example = training.diffusion_loss(apply_fn, {"params": params}, images, loss_rng, schedule=self.schedule,
+                                              prediction=self.prediction, weighting=self.weighting, labels=labels)
+        sums = {"loss": jnp.sum(per_example), "count": jnp.asarray(images.shape[0], jnp.float32)}
+        if self.eval_schedule is not None:
+            nll = likelihood.nll_bits_per_dim(self.denoiser, params, images, nll_rng, schedule=self.eval_schedule,
+                                              method=self.config.diffusion.eval_nll_method, labels=labels,
+                                              levels=self.levels, prediction=self.prediction)
+            sums.update({f"bpd_{k}": jnp.sum(nll[k]) for k in ("total", "prior", "diffusion", "reconstruction")})
+        return sums
+
+    def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
+        results = {"loss": sums["loss"] / sums["count"]}
+        if "bpd_total" in sums:
+            k = self.config.diffusion.eval_nll_steps
+            results[f"bits_per_dim_k{k}"] = sums["bpd_total"] / sums["count"]
+            for term in ("prior", "diffusion", "reconstruction"):
+                results[f"bits_per_dim_k{k}_{term}"] = sums[f"bpd_{term}"] / sums["count"]
+        return results
+
+    def datasets(self, rows: tuple[int, int]):
+        """(train: shuffled with `seed`, reshuffled every epoch, repeated; eval: the test split in order)."""
+        data, batch = self.data, self.config.batch_size
+        if len(data.train_images) < batch:
+            raise ConfigError(f"config: 'batch_size' {batch} exceeds the {len(data.train_images)} training images "
+                              f"of {data.name}")
+        num_eval = min(self.config.eval_batches, len(data.test_images) // batch)
+        if num_eval == 0:
+            raise ConfigError(f"config: 'batch_size' {batch} exceeds the {len(data.test_images)} test images of "
+                              f"{data.name}; evaluation needs at least one full batch")
+        train = grain.MapDataset.source(ImageExamples(data.train_images, data.train_labels))
+        train = train.shuffle(seed=self.config.seed).repeat(None)
+        train = data_lib.batched(train, global_batch=batch, rows=rows, num_batches=sys.maxsize // batch,
+                                 collate=stack_examples)
+        train = train.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+        evaluation = data_lib.batched(grain.MapDataset.source(ImageExamples(data.test_images, data.test_labels)),
+                                      global_batch=batch, rows=rows, num_batches=num_eval, collate=stack_examples)
+        description = (f"{data.name}: {len(data.train_images)} train, {len(data.test_images)} test images "
+                       f"{'×'.join(map(str, data.image_shape))}, {data.levels} levels; evaluating on "
+                       f"{num_eval * batch} test images")
+        return train, evaluation, {"data": description, "data_fingerprint": fingerprint(data),
+                                   "train_images": len(data.train_images), "test_images": len(data.test_images)}
+
+    def sample_labels(self, num: int, class_label: int | None = None) -> jax.Array | None:
+        """Labels for `num` samples: None (unconditional model), all `class_label`, or 0, 1, …, cycling."""
+        if self.num_classes == 0:
+            return None
+        if class_label is not None:
+            return jnp.full((num,), class_label, jnp.int32)
+        return jnp.arange(num, dtype=jnp.int32) % self.num_classes
+
+    def final_report(self, params) -> str:
+        """`sample.report_samples` DDIM samples (sample.steps steps, η = 0), drawn as text for digits."""
+        s = self.config.sample
+        shown = s.get("report_samples", 10)
+        if shown <= 0:
+            return ""
+        num = math.ceil(shown / jax.device_count()) * jax.device_count()  # the batch must split over devices
+        schedule = schedules.respace(self.schedule, s.steps, s.spacing)
+        images = samplers.sample(self.denoiser, params, jax.random.PRNGKey(self.config.seed), schedule=schedule,
+                                 shape=(num,) + self.image_shape, method="ddim", eta=0.0,
+                                 labels=self.sample_labels(num), prediction=self.prediction, clip_x0=True)
+        images = np.asarray(jax.device_get(images))[:shown]
+        header = f"{shown} samples (DDIM η=0, {s.steps} steps{', classes 0-9' if self.num_classes else ''})"
+        if self.dataset != "digits":
+            return (f"{header}: pixel mean {images.mean():.3f}, std {images.std():.3f}. Grids and FCD/NLL tables: "
+                    "python -m train_lib.sample --workdir=<workdir>")
+        return f"{header}:\n{ascii_digits(images, self.levels)}"
+
+
+def ascii_digits(images: np.ndarray, levels: int, *, per_line: int = 5) -> str:
+    """Greyscale images `[N, H, W, 1]` in [−1, 1] as text, `per_line` side by side, two characters per pixel."""
+    grey = image_data.unit_range_to_levels(images[..., 0], levels) * (len(_ASCII_RAMP) - 1) // (levels - 1)
+    blocks = []
+    for start in range(0, len(grey), per_line):
+        group = grey[start:start + per_line]
+        blocks.append("\n".join("  ".join("".join(2 * _ASCII_RAMP[v] for v in image[row]) for image in group)
+                                for row in range(grey.shape[1])))
+    return "\n\n".join(blocks)
