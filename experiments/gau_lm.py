@@ -10,8 +10,8 @@ Run (the `tiny` variant is what `make demo` runs):
   python -m train_lib.main --config=experiments/gau_lm.py:base --workdir=gs://.../gau_base   # accelerators
 
 Variants:
-  tiny   d=128, 4 GAUs, s=64, length 128, batch 16. See README "The demo" for its time and curve.
-  small  d=256, 8 GAUs (≈ 4 Transformer layers), s=128, length 256, batch 32: CPU research runs.
+  tiny   d=128, 4 GAUs, s=64, length 128, batch 16, 1,000 steps. See README "The demo" for its time and curve.
+  small  d=256, 8 GAUs (≈ 4 Transformer layers), s=128, length 256, batch 16, 3,000 steps: CPU research runs.
   base   GAU-α size: d=768, 24 GAUs, e=1536, s=128, length 512, batch 128, bf16, softmax: accelerators.
 
 Presets, added after a variant with commas (`--config=experiments/gau_lm.py:small,flash`):
@@ -74,8 +74,8 @@ SEQUENCE_PARALLEL_RULES = (
 
 _VARIANTS = {
     #        layers  d    s   len batch steps  lr     warmup
-    "tiny": (4, 128, 64, 128, 16, 1500, 3e-3, 100),
-    "small": (8, 256, 128, 256, 32, 5000, 2e-3, 200),
+    "tiny": (4, 128, 64, 128, 16, 1000, 3e-3, 100),
+    "small": (8, 256, 128, 256, 16, 3000, 2e-3, 200),
     "base": (24, 768, 128, 512, 128, 100_000, 1e-3, 2000),
 }
 
@@ -147,9 +147,9 @@ def _base_config(arg: str) -> ml_collections.ConfigDict:
     config.batch_size = batch  # global, over all devices and processes
     config.grad_accum_steps = 1
     config.log_every_steps = 50 if arg != "base" else 100
-    config.eval_every_steps = 500 if arg != "base" else 5000
+    config.eval_every_steps = {"tiny": 250, "demo": 250, "base": 5000}.get(arg, 500)
     config.eval_batches = 8
-    config.checkpoint_every_steps = 500 if arg != "base" else 5000
+    config.checkpoint_every_steps = {"tiny": 250, "demo": 250, "base": 5000}.get(arg, 500)
     config.keep_checkpoints = 3
     config.ema_decay = 0.999
     config.final_sample_tokens = 200  # bytes of text sampled and printed at the end (0: none)
