@@ -9,15 +9,27 @@ varies with how peaked the row is) let the boundary of the sequence leak into th
 says they solve it. Learned absolute positions solve it trivially.
 
 Variants: rope_softmax, rope_relu2, rope_l2, absolute (learned table, softmax). 2 GAU layers, d=64,
-s=32, n=64, γ = 1 at init for Q and K, Adam 3e-3, 600 full-batch steps (the batch is the one
+s=32, n=64, γ = 1 at init for Q and K, Adam 3e-3, 2000 full-batch steps (the batch is the one
 all-zeros sequence).
 
-Run (about 1 minute on the 2-core CPU):
+Run (3 min 15 s wall, 73 s of CPU, on the 2-core CPU shared with other jobs):
 
   python -m experiments.position_probe
-  python -m experiments.position_probe --config.length=128 --config.steps=1000
+  python -m experiments.position_probe --config.length=128 --config.steps=4000
 
-Result: see RESULT below (filled in from the run it names).
+Result of `python -m experiments.position_probe` (accuracy after 2000 steps; chance 1/64 = 0.016):
+
+  | probe | accuracy, mean [min, max] | seeds 0, 1, 2 |
+  |---|---|---|
+  | rope_softmax | 0.016 [0.016, 0.016] | 0.016, 0.016, 0.016 |
+  | rope_relu2 | 0.823 [0.656, 1.000] | 0.812, 0.656, 1.000 |
+  | rope_l2 | 0.958 [0.906, 0.984] | 0.984, 0.984, 0.906 |
+  | absolute | 1.000 [1.000, 1.000] | 1.000, 1.000, 1.000 |
+
+Reading: as post 9105 argues, RoPE + softmax is stuck at chance exactly (every output is the same
+vector, whatever the weights), while relu²/l and the l2 normaliser recover most positions from the
+sequence boundary alone; l2 more reliably than relu² here. They are still learning at 2000 steps
+(600 steps gave 0.62 and 0.47 on average), and learned absolute positions solve the probe at once.
 """
 from __future__ import annotations
 
@@ -44,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """Default config; 'quick' is a seconds-long smoke run."""
     config = ml_collections.ConfigDict()
     config.length = 64
-    config.steps = 600
+    config.steps = 2000
     config.learning_rate = 3e-3
     config.seeds = (0, 1, 2)
     config.probes = tuple(PROBES)
