@@ -4,7 +4,7 @@ Question: on a small U-Net trained in minutes, does Analytic-DPM's variance (Bao
 https://kexue.fm/archives/9245) give a better NLL than DDPM's σ² = β and σ² = β̃ at every step count K,
 with the largest gains at small K, and how do the five samplers compare in sample quality (FCD)?
 
-Run (RESULTS below are from exactly these commands):
+Run:
 
   python -m train_lib.main --config=experiments/ddpm_digits.py --workdir=runs/ddpm_digits
   python -m train_lib.sample --workdir=runs/ddpm_digits --sampler=ddim --steps=50 --num=64
@@ -25,7 +25,8 @@ DDPM's "simple" one), `cosine` (the cosine schedule), `conditional` (class-condi
 conditional GroupNorm, labels from the data, 10% label dropout so it also samples unconditionally), e.g.
 `--config=experiments/ddpm_digits.py:digits,v,conditional`.
 
-Results (2-core CPU shared with other jobs): see RESULTS.
+Results: not yet final. The study's run was still going when the session that wrote this file ended;
+partial numbers are in the issue notes, and this section gets the table from a complete run.
 """
 import ml_collections
 

@@ -13,7 +13,8 @@ Run:
   python -m experiments.flash_speed
   python -m experiments.flash_speed --config.lengths="(512, 1024)" --config.repeats=5
 
-Result: see RESULT below (filled in from the run it names).
+Result: not yet final. The study's run was still going when the session that wrote this file ended;
+partial numbers are in the issue notes, and this section gets the table from a complete run.
 """
 from __future__ import annotations
 

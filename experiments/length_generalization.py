@@ -22,7 +22,8 @@ Run (each model × seed trains into WORKDIR/<model>_seed<seed>/, then `train_lib
 
 Writes WORKDIR/results.json, results.md (the table) and length_generalization.png.
 
-Result: see RESULT below (filled in from the run it names).
+Result: not yet final. The study's run was still going when the session that wrote this file ended;
+partial numbers are in the issue notes, and this section gets the table from a complete run.
 """
 from __future__ import annotations
 
