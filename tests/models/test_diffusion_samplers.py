@@ -120,7 +120,7 @@ def test_analytic_variance_closed_forms():
     np.testing.assert_allclose(got, np.minimum(beta / alpha, beta_tilde + abp * beta**2 / bbar**2), rtol=1e-4)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(gamma=st.lists(st.floats(-0.5, 1.5), min_size=9, max_size=9), eta=st.floats(0.0, 1.0))
 def test_analytic_variance_stays_within_the_bounds(gamma, eta):
     ab, abp, alpha = _steps(K10)
@@ -132,7 +132,10 @@ def test_analytic_variance_stays_within_the_bounds(gamma, eta):
                                                 data_half_range=None), np.float64)
     assert np.all(got >= lam2 * (1 - 1e-5) - 1e-9) and np.all(got <= upper * (1 + 1e-5) + 1e-9)
     inside = (gamma >= 0) & (gamma <= 1)
-    np.testing.assert_allclose(got[inside], (lam2 + (upper - lam2) * (1 - gamma))[inside], rtol=1e-4, atol=1e-9)
+    # float32 rounding is relative to the bound, not to the (possibly tiny) result: with Γ → 1 the
+    # variance is λ² + (upper − λ²)(1 − Γ), a small difference of terms of size `upper`.
+    want = lam2 + (upper - lam2) * (1 - gamma)
+    assert np.all(np.abs(got - want)[inside] <= 1e-4 * want[inside] + 1e-6 * upper[inside])
 
 
 def test_estimate_gamma_matches_the_gaussian_closed_form():
