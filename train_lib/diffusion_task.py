@@ -36,8 +36,9 @@ from train_lib import data as data_lib
 from train_lib import image_data
 from train_lib.config_lib import ConfigError
 
-# Image shapes of the datasets, known before any file is read (the trainer needs shapes first).
+# Image shapes and grey levels of the datasets, known before any file is read (the trainer needs shapes first).
 IMAGE_SHAPES = {"digits": (8, 8, 1), "cifar10": (32, 32, 3)}
+LEVELS = {"digits": 17, "cifar10": 256}
 # Samplers whose NLL needs nothing but the network: the analytic ones need Γ (train_lib.sample
 # estimates and caches it) and DDIM's needs η > 0.
 EVAL_NLL_METHODS = ("ddpm_beta", "ddpm_beta_tilde")
@@ -139,7 +140,7 @@ class DiffusionTask:
         self.config = config
         self.dataset = dataset_name(config)
         self.image_shape = IMAGE_SHAPES[self.dataset]
-        self.levels = 17 if self.dataset == "digits" else 256
+        self.levels = LEVELS[self.dataset]
         self.unet_config = unet_config(config, self.image_shape)
         self.model = unet_lib.UNet(self.unet_config)
         self.num_classes = self.unet_config.num_classes

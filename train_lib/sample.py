@@ -301,7 +301,8 @@ def _body() -> None:
     task, params, step = load_model(workdir, use_ema=f.use_ema)
     opts = _settings(task.config)
     _validate(task, opts)
-    cache = gamma_cache(workdir, task, step, use_ema=f.use_ema, images=opts["gamma_images"], seed=f.seed)
+    # Γ's Monte-Carlo draws follow the run's seed, not --seed: sampling with other seeds reuses the cache.
+    cache = gamma_cache(workdir, task, step, use_ema=f.use_ema, images=opts["gamma_images"], seed=task.config.seed)
     print(f"# checkpoint step {step} ({'EMA' if f.use_ema else 'raw'} parameters)", flush=True)
     started = time.perf_counter()
     if f.table:

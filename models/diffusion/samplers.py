@@ -200,11 +200,15 @@ def ddim_encode(model_fn, params, x0, *, schedule: Schedule, labels=None, predic
 
 @functools.partial(jax.jit, static_argnames=("model_fn", "prediction"))
 def _gamma_batch_sums(model_fn, params, x0, labels, rng, schedule: Schedule, prediction: str):
-    """Σ over the batch of ‖ε_θ(xₜ, t)‖²/d for every step's t, `[K]`, with xₜ ~ q(xₜ|x₀)."""
+    """Σ over the batch of ‖ε_θ(xₜ, t)‖²/d for every step's t, `[K]`, with xₜ ~ q(xₜ|x₀).
+
+    The noise at t is drawn from fold_in(rng, t), keyed by the timestep itself rather than its position
+    in the schedule, so Γₜ comes out the same whichever set of timesteps it is estimated with.
+    """
     dims = int(np.prod(x0.shape[1:]))
 
     def one_step(_, i):
-        noise = jax.random.normal(jax.random.fold_in(rng, i), x0.shape, jnp.float32)
+        noise = jax.random.normal(jax.random.fold_in(rng, schedule.timesteps[i]), x0.shape, jnp.float32)
         x_t = jnp.sqrt(schedule.alpha_bar[i]) * x0 + jnp.sqrt(schedule.one_minus_alpha_bar[i]) * noise
         eps, _ = predict(model_fn, params, x_t, schedule, i, labels=labels, prediction=prediction, clip_x0=False)
         return None, jnp.sum(jnp.square(eps)) / dims
@@ -219,6 +223,8 @@ def estimate_gamma(model_fn, params, batches: Iterable, rng, *, schedule: Schedu
 
     Estimated once over training data (Analytic-DPM, arXiv 2201.06503, eq. 8). Γ depends only on t,
     so an estimate on the full schedule serves every respacing: `gamma_full[respaced.timesteps - 1]`.
+    Γₜ does not depend on which other timesteps `schedule` holds (the noise is keyed by t), so estimates
+    made piece by piece, e.g. cached per timestep, agree with one made at once.
     `batches` yields x₀ `[B, ...]` or `(x₀, labels)` pairs; each batch gets one fresh noise draw per step.
     """
     total, count = np.zeros(schedule.num_steps, np.float64), 0

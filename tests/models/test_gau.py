@@ -3,6 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from models import attention, layers
@@ -242,3 +243,20 @@ def test_bfloat16_compute_keeps_float32_parameters_and_float32_logits():
     assert low.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(low), np.asarray(high), atol=0.05)
     assert not np.array_equal(np.asarray(low), np.asarray(high))  # really computed in bfloat16
+
+
+def test_relu2_needs_unit_qk_scale_to_get_gradients():
+    """With γ ~ N(0, 0.02²) the scores are ~1e-5 and relu² sits at its saddle: the loss gradient reaching
+    γ is orders of magnitude below softmax's, so relu² models never learn to attend (see ScaleOffset);
+    `qk_scale_init='ones'` gives it a usable gradient."""
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 17), 0, 256)
+
+    def gamma_grad_norm(**cfg):
+        model = GAULanguageModel(GAUConfig(num_layers=1, embed_dim=32, key_dim=16, **cfg))
+        params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens[:, :-1])["params"])
+        loss = lambda p: jnp.mean(optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+            model.apply({"params": p}, tokens[:, :-1]), tokens[:, 1:]))
+        return float(jnp.linalg.norm(jax.jit(jax.grad(loss))(params)["layer_0"]["qk_scale_offset"]["gamma"]))
+
+    stuck, unit = gamma_grad_norm(normalizer="relu2"), gamma_grad_norm(normalizer="relu2", qk_scale_init="ones")
+    assert unit > 1e3 * stuck and gamma_grad_norm(normalizer="softmax") > 1e2 * stuck

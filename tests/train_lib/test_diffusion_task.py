@@ -181,6 +181,10 @@ def test_gamma_matches_its_closed_form_and_is_cached_per_timestep(tmp_path):
     assert again.estimated_now == 2 and more[0] == gamma[0] and more[2] == gamma[2]
     with np.load(cache.path) as stored:
         assert np.sum(np.isfinite(stored["gamma"])) == 6
+    # The noise at t is keyed by t: estimating the same timesteps together with others gives the same Γ.
+    fresh = sample.gamma_cache(tmp_path / "fresh", task, 7, use_ema=True, images=512, seed=0)
+    (tmp_path / "fresh").mkdir()
+    np.testing.assert_array_equal(fresh.get(task, None, np.array([1, 250, 500, 750]), batch_size=256), more)
     other = sample.gamma_cache(tmp_path, task, 7, use_ema=True, images=256, seed=0)  # other settings: re-estimated
     other.get(task, None, first_steps, batch_size=256)
     assert other.estimated_now == 4
