@@ -19,6 +19,13 @@ Variants (`get_config(arg)`: a variant, then presets after commas):
              python -m train_lib.main --config=experiments/ddpm_digits.py:cifar10 --workdir=DIR \
                --config.data.path=/path/to/cifar-10-batches-py
   tiny     a U-Net of a few thousand parameters and a 100-step schedule: for tests (seconds).
+  unet_peer  the `digits` model, named for the speed benchmark against diffusers (issue 7). The matching
+           diffusers model is `UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
+           block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownBlock2D",
+           "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
+           attention_head_dim=64, dropout=0.1)`, trained the same way (ε-MSE, Adam, batch 64):
+             python -m train_lib.benchmark --config=experiments/ddpm_digits.py:unet_peer
+             python tests/peers/compare.py unet     # against diffusers (needs a PyTorch venv; see there)
 
 Presets: `v` / `x0` (what the network predicts), `elbo` (the variational-bound weighting instead of
 DDPM's "simple" one), `cosine` (the cosine schedule), `conditional` (class-conditional U-Net through
@@ -55,6 +62,9 @@ _VARIANTS = {
     "cifar10": (128, (1, 2, 2, 2), 2, (16,), 32, 0.1, 128, 800_000, 2e-4, 5000, 0.9999, 1000),
     "tiny": (8, (1, 2), 1, (4,), 4, 0.0, 16, 30, 3e-3, 5, 0.99, 100),
 }
+# The speed benchmark against diffusers (issue 7) is the digits model itself; tests/peers/ builds the
+# matching diffusers UNet2DModel (see the docstring).
+_VARIANTS["unet_peer"] = _VARIANTS["digits"]
 
 
 def _v(config):
@@ -91,7 +101,7 @@ def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
         if preset not in _PRESETS:
             raise ValueError(f"unknown preset {preset!r} of experiments/ddpm_digits.py; expected some of "
                              f"{sorted(_PRESETS)}")
-    config = _base_config(variant)
+    config = _base_config("digits" if variant == "unet_peer" else variant)
     for preset in presets:
         _PRESETS[preset](config)
     return config

@@ -113,6 +113,23 @@ def initialize_distributed() -> None:
         jax.distributed.initialize()
 
 
+def load_config(config_flag):
+    """The experiment config of a `DEFINE_config_file` flag, or a one-line error naming what is wrong."""
+    if flags.FLAGS[config_flag.name].present == 0:
+        fail(f"--{config_flag.name} is required, e.g. --{config_flag.name}=experiments/gau_lm.py:tiny")
+    config_arg = flags.FLAGS[config_flag.name].serialize().split("=", 1)[-1]
+    config_file = config_arg.split(":", 1)[0]
+    if not os.path.isfile(config_file):
+        fail(f"config: experiment file {config_file!r} does not exist; see experiments/ for the available ones")
+    try:
+        config = config_flag.value
+        config.get("task")
+    except Exception as e:  # raised while building the config, e.g. an unknown variant
+        cause = e.__cause__ or e
+        fail(f"config: cannot load {config_arg!r}: {' '.join(str(cause).split())}")
+    return config
+
+
 def run_guarded(body: Callable[[], None]) -> None:
     """Runs `body`, reporting ConfigError (exit 2) as one line without a traceback."""
     try:

@@ -33,7 +33,7 @@ import numpy as np
 from models import unet as unet_lib
 from models.diffusion import likelihood, prediction, samplers, schedules, training
 from train_lib import data as data_lib
-from train_lib import image_data
+from train_lib import flops, image_data
 from train_lib.config_lib import ConfigError
 
 # Image shapes and grey levels of the datasets, known before any file is read (the trainer needs shapes first).
@@ -167,6 +167,20 @@ class DiffusionTask:
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {"images": jax.ShapeDtypeStruct((batch_size,) + self.image_shape, jnp.float32),
                 "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+    def model_flops_per_step(self) -> float:
+        """Model FLOPs of one training step on a global batch: 3× the U-Net's forward matmuls and
+        convolutions, counted from its jaxpr (`flops.count_matmul_flops`)."""
+        return 3.0 * self.forward_flops(self.config.batch_size)
+
+    def forward_flops(self, batch_size: int) -> float:
+        """FLOPs of one U-Net evaluation on `batch_size` images (one sampling step)."""
+        spec = self.batch_spec(batch_size)
+        params = jax.eval_shape(self.init_params, jax.random.PRNGKey(0), spec)
+        t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+        labels = spec["labels"] if self.num_classes > 0 else None
+        return flops.count_matmul_flops(lambda p, x, t, y: denoise(self.model, nn.unbox(p), x, t, y),
+                                        params, spec["images"], t, labels)
 
     def init_params(self, rng: jax.Array, batch: dict[str, jax.Array]) -> Any:
         t = jnp.ones(batch["labels"].shape, jnp.int32)

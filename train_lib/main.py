@@ -6,7 +6,6 @@ add `--coordinator_address=host:port --num_processes=N --process_id=i` (auto-det
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import flags
@@ -26,18 +25,7 @@ def main(argv: list[str]) -> None:
     cli.parse_flags(argv)
     if not _WORKDIR.value:
         cli.fail("--workdir is required: the directory for checkpoints, metrics and logs")
-    if flags.FLAGS["config"].present == 0:
-        cli.fail("--config is required, e.g. --config=experiments/gau_lm.py:tiny")
-    config_arg = flags.FLAGS["config"].serialize().split("=", 1)[-1]
-    config_file = config_arg.split(":", 1)[0]
-    if not os.path.isfile(config_file):
-        cli.fail(f"config: experiment file {config_file!r} does not exist; see experiments/ for the available ones")
-    try:
-        config = _CONFIG.value
-        config.get("task")
-    except Exception as e:  # raised while building the config, e.g. an unknown variant
-        cause = e.__cause__ or e
-        cli.fail(f"config: cannot load {config_arg!r}: {' '.join(str(cause).split())}")
+    config = cli.load_config(_CONFIG)
     cli.setup_logging()
     cli.initialize_distributed()
 

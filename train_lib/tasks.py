@@ -35,6 +35,7 @@ from models.gau import ATTENTION_LAYERS, GAUConfig, GAULanguageModel
 from models.layers import KERNEL_INITS, NORMS, SCALE_INITS
 from models.positions import MAX_LENGTH, POSITIONS
 from train_lib import data as data_lib
+from train_lib import flops
 from train_lib.config_lib import ConfigError
 from train_lib.diffusion_task import DiffusionTask
 
@@ -82,6 +83,10 @@ class LanguageModelTask:
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {"tokens": jax.ShapeDtypeStruct((batch_size, self.seq_len + 1), jnp.int32)}
+
+    def model_flops_per_step(self) -> float:
+        """Model FLOPs of one training step on a global batch (`flops.lm_forward_flops_per_token`, ×3)."""
+        return 3.0 * flops.lm_forward_flops_per_token(self.model_config, self.seq_len) * self.units_per_batch
 
     def init_params(self, rng: jax.Array, batch: dict[str, jax.Array]) -> Any:
         return self.model.init({"params": rng}, batch["tokens"][:, :-1])["params"]

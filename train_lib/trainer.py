@@ -5,6 +5,7 @@ jitted train/eval steps → loop (log, evaluate, checkpoint) → wait for checkp
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train_lib import checkpointing, config_lib, optim, preemption, sharding, tasks
+from train_lib import checkpointing, config_lib, flops, optim, preemption, sharding, tasks
 from train_lib.metrics import MetricsWriter, ProgressBar
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,56 @@ def evaluate(eval_step, params, eval_dataset, make_batch, task) -> dict[str, flo
     return task.summarize_eval({k: float(v) for k, v in jax.device_get(sums).items()})
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a config runs on this mesh, before anything is allocated: what the trainer and the
+    benchmark (`train_lib.benchmark`) share."""
+
+    mesh: jax.sharding.Mesh
+    rules: tuple
+    batch_shardings: dict[str, jax.sharding.NamedSharding]
+    microbatch_sharding: Any  # ndim -> NamedSharding of [microbatch, batch, ...]
+    optimizer: optax.GradientTransformation
+    rng: jax.Array
+    spec_batch: dict[str, jax.ShapeDtypeStruct]
+    init_fn: Any  # (rng, batch) -> TrainState
+    abstract_state: TrainState
+    param_shardings: Any
+    state_shardings: Any
+    num_params: int
+
+    def jit_train_step(self, task, config):
+        """The jitted train step with explicit shardings; the state is donated (updated in place)."""
+        return jax.jit(functools.partial(train_step, task=task, optimizer=self.optimizer, config=config,
+                                         microbatch_sharding=self.microbatch_sharding),
+                       in_shardings=(self.state_shardings, self.batch_shardings),
+                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+
+    def jit_eval_step(self, task):
+        return jax.jit(task.eval_sums, in_shardings=(self.param_shardings, self.batch_shardings))
+
+
+def make_plan(config, task, mesh_shape) -> Plan:
+    """Mesh, logical-axis rules (parallelism is data in the config), shapes and shardings."""
+    mesh = sharding.make_mesh(mesh_shape)
+    rules = sharding.logical_rules(config)
+    spec_batch = task.batch_spec(config.batch_size)
+    batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in spec_batch.items()}
+    microbatch_sharding = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731
+        mesh, nn.logical_to_mesh_axes((None, "batch") + (None,) * (ndim - 2), rules))
+    optimizer = optim.make_optimizer(config)
+    rng = jax.random.PRNGKey(config.seed)
+    boxed_params = jax.eval_shape(task.init_params, rng, spec_batch)
+    param_shardings = sharding.logical_shardings(boxed_params, mesh, rules)
+    init_fn = functools.partial(init_state, task=task, optimizer=optimizer, ema=config.ema_decay > 0)
+    abstract_state = jax.eval_shape(init_fn, rng, spec_batch)
+    sharding.check_divisible(abstract_state.params, param_shardings, mesh)
+    state_shardings = sharding.mirrored_shardings(abstract_state, abstract_state.params, param_shardings, mesh)
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+    return Plan(mesh, rules, batch_shardings, microbatch_sharding, optimizer, rng, spec_batch, init_fn,
+                abstract_state, param_shardings, state_shardings, num_params)
+
+
 def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its newest checkpoint.
 
@@ -139,14 +190,11 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
     # ----------------------------------------------------------------------------------------------
-    # Mesh and logical-axis rules: parallelism is data in the config.
+    # Mesh, logical-axis rules, shapes and shardings (`jax.eval_shape`: nothing is allocated yet).
     # ----------------------------------------------------------------------------------------------
-    mesh = sharding.make_mesh(mesh_shape)
-    rules = sharding.logical_rules(config)
-    batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim)
-                       for k, v in task.batch_spec(config.batch_size).items()}
-    microbatch_sharding = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731
-        mesh, nn.logical_to_mesh_axes((None, "batch") + (None,) * (ndim - 2), rules))
+    plan = make_plan(config, task, mesh_shape)
+    mesh, rules, batch_shardings = plan.mesh, plan.rules, plan.batch_shardings
+    state_shardings, init_fn, rng = plan.state_shardings, plan.init_fn, plan.rng
 
     # ----------------------------------------------------------------------------------------------
     # Data: each process reads only the rows of each global batch that its devices hold.
@@ -156,20 +204,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
     train_iter = iter(train_data)
     make_batch = functools.partial(sharding.make_global_batch, shardings=batch_shardings,
                                    global_batch=config.batch_size)
-
-    # ----------------------------------------------------------------------------------------------
-    # Shapes and shardings from jax.eval_shape: nothing is allocated yet.
-    # ----------------------------------------------------------------------------------------------
-    optimizer = optim.make_optimizer(config)
-    rng = jax.random.PRNGKey(config.seed)
-    spec_batch = task.batch_spec(config.batch_size)
-    boxed_params = jax.eval_shape(task.init_params, rng, spec_batch)
-    param_shardings = sharding.logical_shardings(boxed_params, mesh, rules)
-    init_fn = functools.partial(init_state, task=task, optimizer=optimizer, ema=config.ema_decay > 0)
-    abstract_state = jax.eval_shape(init_fn, rng, spec_batch)
-    sharding.check_divisible(abstract_state.params, param_shardings, mesh)
-    state_shardings = sharding.mirrored_shardings(abstract_state, abstract_state.params, param_shardings, mesh)
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+    flops_per_step = task.model_flops_per_step()
+    peak_flops = flops.global_peak_flops(config.model.get("dtype", "float32"))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ------------------------------------------------------------------------------------------
@@ -177,7 +213,7 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
         # ------------------------------------------------------------------------------------------
         checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, state_shardings)
+                                plan.abstract_state, state_shardings)
         try:
             state = checkpointer.restore_newest_usable(abstract, train_iter)
         except checkpointing.CheckpointError:
@@ -188,26 +224,22 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
             state = None
         resumed = state is not None
         if state is None:
-            state = jax.jit(init_fn, out_shardings=state_shardings)(rng, spec_batch)
+            state = jax.jit(init_fn, out_shardings=state_shardings)(rng, plan.spec_batch)
         start_step = int(state.step)
         metrics_writer = MetricsWriter(workdir, enabled=is_main)
         metrics_writer.truncate_after(start_step)
         if is_main:
             log.info("devices: %d (%s), processes: %d, mesh: %s", jax.device_count(),
                      jax.devices()[0].platform, jax.process_count(), mesh_shape)
-            log.info("task: %s, %s parameters; %s", config.task, f"{num_params:,}",
+            log.info("task: %s, %s parameters, %s per step (peak %s/s); %s", config.task, f"{plan.num_params:,}",
+                     flops.describe(flops_per_step), flops.describe(peak_flops),
                      ", ".join(f"{key}: {value}" for key, value in data_info.items()))
             log.info("%s at step %d", "resuming" if resumed else "starting", start_step)
 
         # ------------------------------------------------------------------------------------------
         # Jitted steps with explicit shardings; the state is donated (updated in place).
         # ------------------------------------------------------------------------------------------
-        jit_train_step = jax.jit(
-            functools.partial(train_step, task=task, optimizer=optimizer, config=config,
-                              microbatch_sharding=microbatch_sharding),
-            in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
-            donate_argnums=(0,))
-        jit_eval_step = jax.jit(task.eval_sums, in_shardings=(param_shardings, batch_shardings))
+        jit_train_step, jit_eval_step = plan.jit_train_step(task, config), plan.jit_eval_step(task)
 
         def run_eval(step: int) -> dict[str, float]:
             results = evaluate(jit_eval_step, state.params, eval_data, make_batch, task)
@@ -251,6 +283,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
                     throughput = timer_steps * task.units_per_batch / elapsed if timer_steps else float("nan")
                     summary = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
                     summary.update({f"{task.throughput_unit}_per_sec": throughput,
+                                    "mfu": flops.mfu(flops_per_step, elapsed / timer_steps, peak_flops)
+                                    if timer_steps else float("nan"),
                                     "learning_rate": float(host[-1]["learning_rate"])})
                     metrics_writer.write(step, "train", summary)
                     progress.show(summary["loss"], throughput)

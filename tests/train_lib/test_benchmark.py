@@ -1,0 +1,106 @@
+"""Model FLOP counting (closed form vs jaxpr count vs hand counts), MFU logging and the benchmark CLI."""
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import ddpm_digits
+from models.gau import GAUConfig, GAULanguageModel
+from tests.train_lib.conftest import TEST_OVERRIDES, cli_overrides, make_config, read_metrics, run_cli
+from train_lib import flops, tasks, trainer
+
+
+@pytest.mark.parametrize("attention", ["gau", "flash", "performer"])
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("length", [64, 100])  # 100: FLASH/Performer pad the last chunk of 32
+def test_lm_closed_form_equals_the_jaxpr_count(attention, causal, length):
+    cfg = GAUConfig(num_layers=2, embed_dim=32, key_dim=16, chunk_size=32, attention=attention, causal=causal,
+                    performer_features=24)
+    model = GAULanguageModel(cfg)
+    tokens = jax.ShapeDtypeStruct((2, length), jnp.int32)
+    params = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
+    counted = flops.count_matmul_flops(lambda p, t: model.apply({"params": nn.unbox(p)}, t), params, tokens)
+    assert counted == pytest.approx(2 * length * flops.lm_forward_flops_per_token(cfg, length), rel=1e-9)
+
+
+def test_gau_closed_form_by_hand():
+    # d=4, e=8, s=2, n=3, V=5, one layer: projections 2(4·16 + 4·2 + 8·4) = 208, attention 2·3·2 + 2·3·8 = 60,
+    # output layer 2·4·5 = 40.
+    cfg = GAUConfig(num_layers=1, embed_dim=4, key_dim=2, vocab_size=5)
+    assert flops.lm_forward_flops_per_token(cfg, 3) == 208 + 60 + 40
+
+
+def test_jaxpr_count_of_dots_convolutions_and_scans():
+    a, b = jnp.ones((3, 5, 7)), jnp.ones((3, 7, 2))
+    assert flops.count_matmul_flops(lambda x, y: jnp.einsum("bij,bjk->bik", x, y), a, b) == 2 * 3 * 5 * 7 * 2
+    image, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((3, 3, 3, 16))
+    conv = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",  # noqa: E731
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert flops.count_matmul_flops(conv, image, kernel) == 2 * (2 * 8 * 8 * 16) * (3 * 3 * 3)
+    grouped = lambda x, k: jax.lax.conv_general_dilated(x, k, (2, 2), "SAME", feature_group_count=3,  # noqa: E731
+                                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert flops.count_matmul_flops(grouped, image, jnp.ones((3, 3, 1, 6))) == 2 * (2 * 4 * 4 * 6) * (3 * 3 * 1)
+    m = jnp.ones((4, 4))
+
+    def scanned(x):
+        return jax.lax.scan(lambda c, _: (jax.checkpoint(lambda y: jax.jit(lambda z: z @ m)(y))(c), None), x,
+                            None, length=5)[0]
+
+    assert flops.count_matmul_flops(scanned, m) == 5 * 2 * 4 * 4 * 4
+
+
+def test_unet_count_matches_a_hand_count_of_its_convolutions():
+    """The diffusion task's count is ≥ the U-Net's 3×3 convolutions counted by hand from the config."""
+    config = ddpm_digits.get_config("tiny")
+    task = tasks.get_task(config)
+    counted = task.forward_flops(4)
+    # tiny: 8 channels, mults (1, 2) on 8×8 → input conv 1→8 and output conv 8→1 alone at 8×8:
+    edge = 2 * 4 * 64 * 9 * (1 * 8 + 8 * 1)
+    assert counted > edge and task.model_flops_per_step() == pytest.approx(3 * task.forward_flops(config.batch_size))
+
+
+def test_mfu_and_peak():
+    assert flops.mfu(2e9, 0.5, 8e9) == pytest.approx(0.5)
+    assert np.isnan(flops.mfu(1.0, 0.0, 1.0))
+    peak = flops.peak_matmul_flops("float32", min_seconds=0.0, repeats=1)
+    assert 1e8 < peak < 1e16
+
+
+def test_trainer_logs_mfu(tmp_path):
+    trainer.train_and_evaluate(make_config(total_steps=3, log_every_steps=3), str(tmp_path))
+    mfu = read_metrics(tmp_path)[-1]["mfu"]
+    assert 0.0 < mfu < 1.5
+
+
+def _last_json(stdout: str) -> dict:
+    return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
+
+
+def test_benchmark_cli_reports_step_time_flops_and_mfu():
+    overrides = [a for a in cli_overrides() if not a.startswith("--config.total_steps")]
+    result = run_cli(["--config=experiments/gau_lm.py:tiny,flash", "--steps=2", "--warmup=0", *overrides],
+                     devices=2, module="train_lib.benchmark")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = _last_json(result.stdout)
+    task = tasks.get_task(make_config(model__attention="flash", model__norm="scalenorm"))
+    assert out["model_flops_per_step"] == pytest.approx(task.model_flops_per_step())
+    assert out["tokens_per_sec"] == pytest.approx(TEST_OVERRIDES["batch_size"] * 32 / (out["step_ms"] / 1e3))
+    assert out["mfu"] == pytest.approx(out["model_flops_per_step"] / (out["step_ms"] / 1e3) / out["peak_flops"])
+    assert out["devices"] == 2 and out["mesh"] == {"data": 2, "fsdp": 1, "model": 1}
+    assert out["peak_memory_bytes"] > 0 and "MFU" in result.stdout
+
+
+def test_benchmark_cli_times_the_diffusion_sampler_too():
+    result = run_cli(["--config=experiments/ddpm_digits.py:tiny", "--steps=1", "--warmup=0", "--sample_steps=2",
+                      "--sample_batch=8"], devices=1, module="train_lib.benchmark")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = _last_json(result.stdout)
+    assert out["images_per_sec"] > 0 and out["sample_step_ms"] > 0 and out["sample_batch_size"] == 8
+
+
+def test_benchmark_cli_rejects_bad_flags_in_one_line():
+    result = run_cli(["--config=experiments/gau_lm.py:tiny", "--steps=0"], devices=1, module="train_lib.benchmark")
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --steps")

@@ -1,0 +1,181 @@
+"""Time the real jitted train step of an experiment: `python -m train_lib.benchmark --config=FILE:VARIANT`.
+
+    python -m train_lib.benchmark --config=experiments/gau_lm.py:flash_peer --steps=10
+    python -m train_lib.benchmark --config=experiments/ddpm_digits.py:unet_peer
+    python -m train_lib.benchmark --config=experiments/gau_lm.py:tiny --config.data.seq_len=2048
+
+The step is the trainer's own (`trainer.make_plan`: same mesh, shardings, donation, gradient
+accumulation and optimizer) on a real batch of the experiment's data. After compiling and `--warmup`
+steps, each of `--steps` steps is timed to completion; the median is reported. For diffusion the
+sampler's step (one U-Net evaluation on `--sample_batch` images inside the jitted `lax.scan`
+sampler) is timed too. Prints a table, then one JSON line:
+
+    step_ms, tokens_per_sec | images_per_sec, model_flops_per_step (counted: `train_lib.flops`),
+    peak_flops (a large matmul, measured in this run), mfu, peak_memory_bytes (XLA's buffer
+    assignment for the step: arguments + outputs + temporaries − aliased), compile_s, ...
+
+Nothing is written to disk. Numbers depend on what else the machine runs: benchmark on a quiet one.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from train_lib import cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/gau_lm.py:flash_peer.",
+                                          lock_config=True)
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (the median is reported).")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 10, "Diffusion only: K of the timed sampler run (0: skip).")
+_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", None, "Diffusion only: images per sampler step "
+                                     "(default: the config's batch_size).")
+cli.define_distributed_flags()
+
+
+def _median_ms(times: list[float]) -> float:
+    return 1e3 * float(np.median(times))
+
+
+def _memory_bytes(compiled) -> int | None:
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    except Exception:  # not every backend reports it
+        return None
+
+
+def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_steps: int = 10,
+                         sample_batch: int | None = None) -> dict:
+    """Measures the experiment's train step (and diffusion sampling step); returns the result dict."""
+    from train_lib import config_lib, flops, sharding, tasks, trainer  # after jax.distributed
+
+    config_lib.validate_config(config)
+    mesh_shape = config_lib.resolve_mesh_shape(config.mesh, jax.device_count())
+    config_lib.validate_batch(config, mesh_shape, jax.process_count())
+    task = tasks.get_task(config)
+    plan = trainer.make_plan(config, task, mesh_shape)
+    dtype = config.model.get("dtype", "float32")
+    peak = flops.global_peak_flops(dtype)
+    flops_per_step = task.model_flops_per_step()
+
+    rows = sharding.local_rows(next(iter(plan.batch_shardings.values())), config.batch_size)
+    train_data, _, _ = task.datasets(rows)
+    batch = sharding.make_global_batch(next(iter(train_data)), shardings=plan.batch_shardings,
+                                       global_batch=config.batch_size)
+    with jax.set_mesh(plan.mesh), nn.logical_axis_rules(plan.rules):
+        state = jax.jit(plan.init_fn, out_shardings=plan.state_shardings)(plan.rng, plan.spec_batch)
+        start = time.perf_counter()
+        step_fn = plan.jit_train_step(task, config).lower(state, batch).compile()
+        compile_s = time.perf_counter() - start
+        for _ in range(warmup):
+            state, metrics = step_fn(state, batch)
+        jax.block_until_ready(state)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, metrics = step_fn(state, batch)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - start)
+        loss = float(metrics["loss"])
+    step_s = float(np.median(times))
+    result = {
+        "config": config_name(), "task": config.task, "platform": jax.devices()[0].platform,
+        "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(mesh_shape),
+        "batch_size": config.batch_size, "params": plan.num_params, "step_ms": 1e3 * step_s,
+        "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
+        f"{task.throughput_unit}_per_sec": task.units_per_batch / step_s,
+        "model_flops_per_step": flops_per_step, "peak_flops": peak, "mfu": flops.mfu(flops_per_step, step_s, peak),
+        "peak_memory_bytes": _memory_bytes(step_fn), "compile_s": compile_s, "loss": loss,
+    }
+    if config.task in ("lm", "mlm"):
+        result["seq_len"] = config.data.seq_len
+    if config.task == "diffusion" and sample_steps > 0:
+        result.update(_benchmark_sampling(task, state.params, sample_batch or config.batch_size, sample_steps, steps,
+                                          peak))
+    return result
+
+
+def _benchmark_sampling(task, params, size: int, num_steps: int, repeats: int, peak: float) -> dict:
+    """One sampler step = one U-Net evaluation on `size` images in the jitted sampler."""
+    from models.diffusion import samplers, schedules
+    from train_lib import flops
+
+    schedule = schedules.respace(task.schedule, num_steps, "even")
+    shape = (size,) + task.image_shape
+    labels = task.sample_labels(size) if task.num_classes > 0 else None
+
+    def run(seed):
+        return samplers.sample(task.denoiser, params, jax.random.PRNGKey(seed), schedule=schedule, shape=shape,
+                               method="ddpm_beta_tilde", labels=labels, prediction=task.prediction, clip_x0=True)
+
+    jax.block_until_ready(run(0))
+    times = []
+    for i in range(max(3, repeats // 2)):
+        start = time.perf_counter()
+        jax.block_until_ready(run(i + 1))
+        times.append((time.perf_counter() - start) / num_steps)
+    step_s = float(np.median(times))
+    forward = task.forward_flops(size)
+    return {"sample_batch_size": size, "sample_step_ms": 1e3 * step_s, "sample_images_per_sec": size / step_s,
+            "sample_mfu": flops.mfu(forward, step_s, peak)}
+
+
+def config_name() -> str:
+    return flags.FLAGS["config"].serialize().split("=", 1)[-1] if flags.FLAGS["config"].present else ""
+
+
+def format_table(result: dict) -> str:
+    from train_lib import flops
+
+    unit = next(k for k in result if k.endswith("_per_sec") and not k.startswith("sample"))
+    memory = result["peak_memory_bytes"]
+    rows = [
+        ("config", result["config"]),
+        ("devices", f"{result['devices']} {result['platform']} (mesh "
+                    f"{', '.join(f'{k}={v}' for k, v in result['mesh'].items())}), "
+                    f"{result['processes']} process(es)"),
+        ("parameters", f"{result['params']:,}"),
+        ("train step", f"{result['step_ms']:.1f} ms median (min {result['step_ms_min']:.1f}, "
+                       f"max {result['step_ms_max']:.1f}); compiled in {result['compile_s']:.1f} s"),
+        (unit.replace("_", " "), f"{result[unit]:,.0f}"),
+        ("model FLOPs / step", flops.describe(result["model_flops_per_step"])),
+        ("matmul peak", flops.describe(result["peak_flops"], "FLOP/s")),
+        ("MFU", f"{100 * result['mfu']:.1f}%"),
+        ("peak memory (XLA)", "n/a" if memory is None else f"{memory / 2**20:,.1f} MiB"),
+    ]
+    if "sample_step_ms" in result:
+        rows += [("sampler step", f"{result['sample_step_ms']:.1f} ms for {result['sample_batch_size']} images "
+                                  f"({result['sample_images_per_sec']:,.0f} images/s, "
+                                  f"MFU {100 * result['sample_mfu']:.1f}%)")]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def main(argv: list[str]) -> None:
+    cli.parse_flags(argv)
+    config = cli.load_config(_CONFIG)
+    cli.setup_logging()
+    cli.initialize_distributed()
+    if _STEPS.value < 1 or _WARMUP.value < 0 or _SAMPLE_STEPS.value < 0:
+        cli.fail("--steps must be ≥ 1, --warmup and --sample_steps ≥ 0")
+
+    def body():
+        result = benchmark_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value,
+                                      sample_steps=_SAMPLE_STEPS.value, sample_batch=_SAMPLE_BATCH.value)
+        if jax.process_index() == 0:
+            print(format_table(result))
+            print(json.dumps(result), flush=True)
+
+    cli.run_guarded(body)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
