@@ -4,8 +4,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# The PyTorch peers of the speed comparison (tests/peers/): a separate venv, never used by `make test`.
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
+PIP_FLAGS := --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-slow test-all clean
+.PHONY: install demo test test-slow test-all clean peers-venv bench-peers
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +30,24 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist=loadfile -m "slow or not slow"
+
+# torch==2.13.0 first and alone: that exact pin resolves to the CPU wheel here; a looser spec can pull the
+# CUDA build and its nvidia-* packages (GBs). The check after the install fails if any came in anyway.
+$(PEERS_STAMP): tests/peers/constraints.txt
+	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install $(PIP_FLAGS) torch==2.13.0
+	$(PEERS_PY) -m pip install $(PIP_FLAGS) -c tests/peers/constraints.txt FLASH-pytorch==0.1.9 diffusers numpy
+	@if $(PEERS_PY) -m pip list $(PIP_FLAGS) | grep -i -E '^(nvidia-|triton )'; then \
+		echo "$(PEERS_VENV) has CUDA packages (above): remove $(PEERS_VENV) and install torch==2.13.0 (CPU) first"; \
+		exit 1; fi
+	touch $(PEERS_STAMP)
+
+peers-venv: $(PEERS_STAMP)
+
+# Speed against FLASH-pytorch and diffusers (tests/peers/compare.py); slow, and only meaningful on a quiet machine.
+bench-peers: $(STAMP) $(PEERS_STAMP)
+	$(PY) tests/peers/compare.py flash
+	$(PY) tests/peers/compare.py unet
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

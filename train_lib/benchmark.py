@@ -53,7 +53,7 @@ def _memory_bytes(compiled) -> int | None:
 
 
 def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_steps: int = 10,
-                         sample_batch: int | None = None) -> dict:
+                         sample_batch: int | None = None, name: str | None = None) -> dict:
     """Measures the experiment's train step (and diffusion sampling step); returns the result dict."""
     from train_lib import config_lib, flops, sharding, tasks, trainer  # after jax.distributed
 
@@ -87,7 +87,7 @@ def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_ste
         loss = float(metrics["loss"])
     step_s = float(np.median(times))
     result = {
-        "config": config_name(), "task": config.task, "platform": jax.devices()[0].platform,
+        "config": config_name() if name is None else name, "task": config.task, "platform": jax.devices()[0].platform,
         "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(mesh_shape),
         "batch_size": config.batch_size, "params": plan.num_params, "step_ms": 1e3 * step_s,
         "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),

@@ -1,0 +1,129 @@
+"""Alternate our jitted train step with a PyTorch peer's and compare throughput (issue 7).
+
+Runs under the project's venv; each peer runs in its own PyTorch venv (`make peers-venv`):
+
+    make bench-peers                                   # both comparisons, defaults below
+    .venv/bin/python tests/peers/compare.py flash      # FLASH-pytorch vs experiments/gau_lm.py:flash_peer
+    .venv/bin/python tests/peers/compare.py unet       # diffusers vs experiments/ddpm_digits.py:unet_peer
+    .venv/bin/python tests/peers/compare.py flash --rounds 3 --steps 10 --peer_python .venv-peers/bin/python
+
+Not part of `make test` (pytest.ini ignores tests/peers). Each round runs the peer script
+(tests/peers/flash_pytorch_peer.py or diffusers_unet_peer.py) with the peer python, then our benchmark
+(`python -m train_lib.benchmark`, with this interpreter, from the repository root), each as a fresh
+subprocess timing `--steps` steps after its warm-up and printing a JSON line last. Alternating the two
+spreads slow drifts of the machine over both. Prints a markdown table of each round's throughput
+(tokens/s or images/s), the median over rounds, the median of the per-round ratios ours/peer, our MFU,
+then one JSON line:
+
+    {"comparison": "flash" | "unet", "ours_median", "peer_median", "ratio" (median of per-round
+     ours/peer), "ours_mfu" (median), "rounds", ...}
+
+Both sides use every core by default; run it on an otherwise quiet machine or the numbers mean little.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+COMPARISONS = {
+    "flash": {
+        "peer_script": HERE / "flash_pytorch_peer.py",
+        "ours_args": ["--config=experiments/gau_lm.py:flash_peer"],
+        "unit": "tokens",
+    },
+    "unet": {
+        "peer_script": HERE / "diffusers_unet_peer.py",
+        "ours_args": ["--config=experiments/ddpm_digits.py:unet_peer", "--sample_steps=0"],
+        "unit": "images",
+    },
+}
+
+
+def last_json_line(stdout: str) -> dict:
+    """The last stdout line that starts with '{', parsed (our benchmark prints a table before it)."""
+    for line in reversed(stdout.splitlines()):
+        if line.lstrip().startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON line in the output")
+
+
+def run_json(cmd: list[str], what: str) -> dict:
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-30:])
+        sys.exit(f"compare.py: {what} failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+    try:
+        return last_json_line(proc.stdout)
+    except ValueError as e:
+        sys.exit(f"compare.py: {what} printed no result ({e}): {' '.join(cmd)}\n{proc.stdout[-2000:]}")
+
+
+def markdown_table(unit: str, peer_label: str, peers: list[float], ours: list[float]) -> str:
+    ratios = [o / p for o, p in zip(ours, peers)]
+    lines = [f"| round | {peer_label} {unit}/s | ours {unit}/s | ours / peer |", "|---:|---:|---:|---:|"]
+    for i, (p, o, r) in enumerate(zip(peers, ours, ratios), 1):
+        lines.append(f"| {i} | {p:,.0f} | {o:,.0f} | {r:.2f}× |")
+    lines.append(f"| median | {statistics.median(peers):,.0f} | {statistics.median(ours):,.0f} | "
+                 f"{statistics.median(ratios):.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("comparison", choices=sorted(COMPARISONS))
+    parser.add_argument("--rounds", type=int, default=3, help="peer-then-ours rounds")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per run (each side reports the median)")
+    parser.add_argument("--peer_python", default=str(ROOT / ".venv-peers" / "bin" / "python"),
+                        help="python of the PyTorch venv (default: .venv-peers/bin/python in the repository)")
+    args = parser.parse_args()
+    if args.rounds < 1 or args.steps < 1:
+        parser.error("--rounds and --steps must be ≥ 1")
+    peer_python = Path(args.peer_python)
+    if not peer_python.is_absolute():
+        peer_python = (Path.cwd() / peer_python)
+    if not peer_python.exists():
+        sys.exit(f"compare.py: peer python {args.peer_python} does not exist: run `make peers-venv` first")
+
+    spec = COMPARISONS[args.comparison]
+    unit = spec["unit"]
+    key = f"{unit}_per_sec"
+    peer_cmd = [str(peer_python), str(spec["peer_script"]), "--steps", str(args.steps)]
+    ours_cmd = [sys.executable, "-m", "train_lib.benchmark", *spec["ours_args"], f"--steps={args.steps}"]
+
+    peer_results, our_results = [], []
+    for i in range(1, args.rounds + 1):
+        print(f"round {i}/{args.rounds}: peer ...", end="", file=sys.stderr, flush=True)
+        peer_results.append(run_json(peer_cmd, "the peer"))
+        print(f" {peer_results[-1][key]:,.0f} {unit}/s; ours ...", end="", file=sys.stderr, flush=True)
+        our_results.append(run_json(ours_cmd, "our benchmark"))
+        print(f" {our_results[-1][key]:,.0f} {unit}/s", file=sys.stderr, flush=True)
+
+    peers = [r[key] for r in peer_results]
+    ours = [r[key] for r in our_results]
+    ratio = statistics.median(o / p for o, p in zip(ours, peers))
+    mfu = statistics.median(r["mfu"] for r in our_results)
+    peer, mine = peer_results[-1], our_results[-1]
+    peer_label = f"{peer['peer']} {peer['version']}"
+    print(f"\n{args.comparison}: {peer_label} (torch {peer['torch']}, {peer['threads']} threads, "
+          f"{peer['params']:,} params) vs ours ({mine['config']}, {mine['devices']} {mine['platform']} "
+          f"device(s), {mine['params']:,} params); {args.steps} timed steps per run\n")
+    print(markdown_table(unit, peer_label, peers, ours))
+    print(f"\nour MFU (median): {100 * mfu:.1f}%\n")
+    print(json.dumps({
+        "comparison": args.comparison, "unit": key, "ours_median": statistics.median(ours),
+        "peer_median": statistics.median(peers), "ratio": ratio, "ours_mfu": mfu, "rounds": args.rounds,
+        "steps": args.steps, "ours_per_round": ours, "peer_per_round": peers, "ours_params": mine["params"],
+        "peer_params": peer["params"], "peer": peer["peer"], "peer_version": peer["version"],
+        "torch": peer["torch"], "peer_threads": peer["threads"], "ours_platform": mine["platform"],
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
