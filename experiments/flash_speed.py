@@ -1,38 +1,35 @@
-r"""Throughput of quadratic GAU vs FLASH (and the Performer baseline) as the sequence grows.
+r"""Training speed and memory of quadratic GAU vs FLASH as the sequence grows (arXiv 2202.10447).
 
-Question: FLASH's mixed chunk attention is linear in n (arXiv 2202.10447): from which length does it
-beat quadratic GAU on this hardware, and by how much at 8192?
+Question: FLASH's mixed chunk attention is linear in n: does its time per token stay flat from 512 to
+8192 while quadratic GAU's grows, and how much less memory does it need at 8192?
 
-Each model (4 layers, d=128, e=256, s=64 — the length-generalisation study's size — causal, float32)
-processes 8192 tokens per batch: 16 sequences of 512, …, 1 of 8192. Timed: the jitted forward pass
-(inference) and the jitted gradient of the LM loss (training's compute), median of `repeats` runs
-after one compiling run. FLASH uses C = 256, as the paper.
+Each point is `train_lib.benchmark` on `experiments/gau_lm.py:flash_peer` (4 layers, d=256, e=512,
+s=128, float32; FLASH with chunks of C=128, GAU with softmax attention over all n keys), the real
+jitted train step (forward, backward, AdamW) on a constant 8192 tokens per batch: 16 sequences of
+512, …, 1 of 8192. Reported: tokens/s (median step), time per token relative to n=512, MFU against
+the matmul peak measured in the same run, and the step's peak memory from XLA's buffer assignment
+(parameters, optimizer state, batch, activations kept for the backward pass, temporaries).
 
 Run:
 
   python -m experiments.flash_speed
-  python -m experiments.flash_speed --config.lengths="(512, 1024)" --config.repeats=5
+  python -m experiments.flash_speed --config.lengths="(512, 1024)" --config.steps=3
+  python -m experiments.flash_speed --config=experiments/flash_speed.py:quick      # seconds (tests)
 
-Result: not yet final. The study's run was still going when the session that wrote this file ended;
-partial numbers are in the issue notes, and this section gets the table from a complete run.
+Result: see the README's "Speed" section (the table there is this script's output, with the machine
+and date it ran on).
 """
 from __future__ import annotations
 
 import time
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-import optax
-
-from models.gau import GAUConfig, GAULanguageModel
 
 MODELS = {
-    "gau": {"attention": "gau", "normalizer": "softmax"},
-    "flash": {"attention": "flash", "normalizer": "relu2_paper"},
-    "performer": {"attention": "performer", "normalizer": "softmax"},
+    "gau": {"model.attention": "gau", "model.normalizer": "softmax"},
+    "flash": {},  # flash_peer is FLASH already
+    "performer": {"model.attention": "performer", "model.normalizer": "softmax"},
 }
 
 
@@ -40,66 +37,66 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.lengths = (512, 1024, 2048, 4096, 8192)
     config.tokens_per_batch = 8192
-    config.repeats = 3
-    config.models = tuple(MODELS)
-    config.chunk_size = 256
-    config.num_layers, config.embed_dim, config.key_dim = 4, 128, 64
+    config.steps = 5
+    config.models = ("gau", "flash")  # add "performer" for the FAVOR+ baseline
+    config.experiment = "experiments/gau_lm.py:flash_peer"
+    config.overrides = ml_collections.ConfigDict()  # extra `model.*` values, e.g. {"num_layers": 2}
     if arg == "quick":
-        config.lengths, config.tokens_per_batch, config.repeats = (64, 128), 256, 1
-        config.chunk_size, config.num_layers, config.embed_dim, config.key_dim = 32, 1, 32, 16
+        config.lengths, config.tokens_per_batch, config.steps = (64, 128), 1024, 1
+        config.overrides = ml_collections.ConfigDict({"num_layers": 1, "embed_dim": 32, "key_dim": 16,
+                                                      "chunk_size": 32})
     elif arg is not None:
         raise ValueError(f"unknown variant {arg!r} of experiments/flash_speed.py; expected None or 'quick'")
     return config
 
 
-def _median_seconds(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+def experiment_config(config, model: str, length: int) -> ml_collections.ConfigDict:
+    from experiments import gau_lm
+
+    exp = gau_lm.get_config(config.experiment.split(":", 1)[1])
+    values = {"data.seq_len": length, "batch_size": max(1, config.tokens_per_batch // length),
+              **MODELS[model], **{f"model.{k}": v for k, v in config.overrides.items()}}
+    for key, value in values.items():
+        node = exp
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return exp
 
 
-def tokens_per_second(config, model_name: str, length: int) -> tuple[float, float]:
-    """(forward tokens/s, forward+backward tokens/s) at `length`."""
-    cfg = GAUConfig(num_layers=config.num_layers, embed_dim=config.embed_dim, key_dim=config.key_dim,
-                    chunk_size=config.chunk_size, train_length=length, **MODELS[model_name])
-    model = GAULanguageModel(cfg)
-    batch = max(1, config.tokens_per_batch // length)
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (batch, length + 1), 0, 256)
-    params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens[:1, :8])["params"])
+def run(config: ml_collections.ConfigDict) -> tuple[str, list[dict]]:
+    """Benchmarks every model at every length; returns (markdown table, results)."""
+    from train_lib import benchmark
 
-    def loss(params, tokens):
-        logits = model.apply({"params": params}, tokens[:, :-1])
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]))
-
-    forward = jax.jit(lambda p, t: model.apply({"params": p}, t[:, :-1]))
-    backward = jax.jit(jax.grad(loss))
-    count = batch * length
-    return (count / _median_seconds(forward, params, tokens, repeats=config.repeats),
-            count / _median_seconds(backward, params, tokens, repeats=config.repeats))
-
-
-def run(config: ml_collections.ConfigDict) -> str:
     start = time.time()
-    header = "| model | " + " | ".join(f"n={n}" for n in config.lengths) + " |"
-    tables = {"forward": [header, "|---|" + "---|" * len(config.lengths)],
-              "forward+backward": [header, "|---|" + "---|" * len(config.lengths)]}
-    for name in config.models:
-        rates = [tokens_per_second(config, name, n) for n in config.lengths]
-        for i, key in enumerate(tables):
-            tables[key].append(f"| {name} | " + " | ".join(f"{r[i]:,.0f}" for r in rates) + " |")
-        print(name, [tuple(round(x) for x in r) for r in rates], flush=True)
-    return "\n\n".join(f"Tokens/s, {key} ({config.tokens_per_batch} tokens per batch):\n\n" + "\n".join(lines)
-                       for key, lines in tables.items()) + (
-        f"\n\n{jax.device_count()} {jax.devices()[0].platform} device(s); total {time.time() - start:.0f} s.")
+    results = []
+    for model in config.models:
+        for length in config.lengths:
+            result = benchmark.benchmark_train_step(experiment_config(config, model, length), steps=config.steps,
+                                                    warmup=1, name=f"{config.experiment} {model} n={length}")
+            result.update(model=model, seq_len=length)
+            results.append(result)
+            print(f"{model} n={length}: {result['tokens_per_sec']:,.0f} tokens/s, "
+                  f"{result['peak_memory_bytes'] / 2**20:,.0f} MiB, MFU {100 * result['mfu']:.0f}%", flush=True)
+    lines = ["| model | n | batch | tokens/s | time/token vs n=" + str(config.lengths[0]) + " | MFU | peak memory |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        first = next(x for x in results if x["model"] == r["model"])
+        lines.append(f"| {r['model']} | {r['seq_len']} | {r['batch_size']} | {r['tokens_per_sec']:,.0f} | "
+                     f"{first['tokens_per_sec'] / r['tokens_per_sec']:.2f}× | {100 * r['mfu']:.0f}% | "
+                     f"{r['peak_memory_bytes'] / 2**20:,.0f} MiB |")
+    device = jax.devices()[0]
+    lines += ["", f"{config.tokens_per_batch} tokens per step, median of {config.steps} steps; {jax.device_count()} "
+              f"{device.platform} device(s) ({device.device_kind}); matmul peak "
+              f"{results[0]['peak_flops'] / 1e9:.0f} GFLOP/s; total {time.time() - start:.0f} s."]
+    return "\n".join(lines), results
 
 
 def main(argv: list[str]) -> None:
     del argv
-    print(run(_CONFIG.value))
+    table, _ = run(_CONFIG.value)
+    print(table)
 
 
 if __name__ == "__main__":

@@ -104,3 +104,13 @@ def test_benchmark_cli_times_the_diffusion_sampler_too():
 def test_benchmark_cli_rejects_bad_flags_in_one_line():
     result = run_cli(["--config=experiments/gau_lm.py:tiny", "--steps=0"], devices=1, module="train_lib.benchmark")
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("error: --steps")
+
+
+def test_flash_speed_study_runs_and_flash_memory_does_not_grow_with_length():
+    from experiments import flash_speed
+
+    table, results = flash_speed.run(flash_speed.get_config("quick"))
+    memory = {(r["model"], r["seq_len"]): r["peak_memory_bytes"] for r in results}
+    assert "| flash | 128 |" in table and "| gau | 64 |" in table
+    # Same tokens per step: quadratic GAU's n×n scores double from n=64 to 128, FLASH's chunks stay C×C.
+    assert memory[("gau", 128)] / memory[("gau", 64)] > memory[("flash", 128)] / memory[("flash", 64)]
