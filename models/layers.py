@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Initializer = Callable[..., jax.Array]
 
@@ -177,19 +178,24 @@ class ScaleOffset(nn.Module):
 SCALE_INITS: dict[str, Initializer] = {"normal": DEFAULT_KERNEL_INIT, "ones": nn.initializers.ones}
 
 
-def rope_tables(positions: jax.Array, dim: int, *, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+def rope_tables(positions: jax.Array | np.ndarray, dim: int, *,
+                base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
     """Rotary-position sin and cos tables, computed once per forward pass and shared by all layers.
 
     Angles `m · θ_i` with `θ_i = base^{-2i/dim}` are computed in float32: bfloat16 cannot hold
     positions above 256 exactly (Su et al., RoFormer, arXiv 2104.09864; https://kexue.fm/archives/8265).
+    Positions given as a NumPy array (the usual 0 … n−1 of a forward pass) give NumPy tables, which
+    become constants of the compiled program: traced tables would be fused into, and their sin/cos
+    recomputed by, every one of the dozens of ops that read them (forward and backward, every layer).
 
     Args: positions `[..., n]` (integers, global positions). Returns (sin, cos), each `[..., n, dim/2]` float32.
     """
     if dim % 2:
         raise ValueError(f"rotary dimension must be even, got {dim}")
-    inv_freq = base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.sin(angles), jnp.cos(angles)
+    xp = np if isinstance(positions, np.ndarray) else jnp
+    inv_freq = (base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)).astype(np.float32)
+    angles = positions.astype(xp.float32)[..., None] * inv_freq
+    return xp.sin(angles), xp.cos(angles)
 
 
 def maybe_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:

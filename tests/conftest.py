@@ -6,6 +6,10 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The trainer measures the machine's matmul peak for its MFU log (seconds); tests use a fixed value
+# (inherited by the CLI subprocesses they start). tests/train_lib/test_benchmark.py measures it for real.
+os.environ.setdefault("KEXUE_PEAK_FLOPS", "1e11")
+
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_threefry_partitionable", True)

@@ -65,8 +65,13 @@ def test_unet_count_matches_a_hand_count_of_its_convolutions():
 def test_mfu_and_peak():
     assert flops.mfu(2e9, 0.5, 8e9) == pytest.approx(0.5)
     assert np.isnan(flops.mfu(1.0, 0.0, 1.0))
-    peak = flops.peak_matmul_flops("float32", min_seconds=0.0, repeats=1)
-    assert 1e8 < peak < 1e16
+    assert flops.peak_matmul_flops("float32") == 1e11  # the tests' KEXUE_PEAK_FLOPS
+    flops.peak_matmul_flops.cache_clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(flops.PEAK_FLOPS_ENV)
+        measured = flops.peak_matmul_flops("float32", min_seconds=0.0, repeats=1)  # a 1024² matmul
+    flops.peak_matmul_flops.cache_clear()
+    assert 1e8 < measured < 1e16 and measured != 1e11
 
 
 def test_trainer_logs_mfu(tmp_path):
