@@ -37,7 +37,8 @@ Presets, added after a variant with commas (`--config=experiments/gau_lm.py:smal
 Single switches, without a preset: `model.attention` ('gau' | 'flash' | 'performer'), `model.normalizer`
 (see models/attention.py), `model.position` ('rope' | 'learned' | 'learned_hierarchical' | 'none'),
 `model.residual_scores` (RealFormer, post 8027), `model.norm_position` ('pre' | 'post'), `model.kernel_init`,
-`model.qk_scale_init` ('normal' | 'ones': use 'ones' with any relu² normaliser).
+`model.qk_scale_init` ('normal' | 'ones': use 'ones' with any relu² normaliser), `model.attention_impl`
+('xla' | 'pallas' | 'auto': how 'gau' computes softmax / softmax_plus attention; models/pallas_attention.py).
 
 Results (2-core CPU; numbers from the runs named in README.md's "Results" section).
 """
@@ -187,6 +188,11 @@ def _base_config(arg: str) -> ml_collections.ConfigDict:
     config.model.dtype = "bfloat16" if arg == "base" else "float32"
     config.model.remat = False
     config.model.attention = "gau"  # 'gau' (quadratic), 'flash' (mixed chunk attention) or 'performer'
+    # How 'gau' computes attention: 'xla' (score matrix + normaliser), 'pallas' (blockwise kernel,
+    # models/pallas_attention.py; softmax/softmax_plus only) or 'auto' (pallas on GPU/TPU where supported).
+    # 'xla' by default: the kernel is tested in Pallas' interpret mode on CPU, but its GPU (Triton) and
+    # TPU (Mosaic) compilations have not been run yet; opt in with --config.model.attention_impl=auto.
+    config.model.attention_impl = "xla"
     config.model.chunk_size = _FLASH_CHUNK[arg]  # FLASH's chunk size C (and the Performer's causal chunk)
     config.model.position = "rope"  # 'rope', 'learned', 'learned_hierarchical' or 'none'
     config.model.max_positions = 512  # learned position table rows (hierarchical: max_positions² positions)

@@ -25,6 +25,10 @@ from models import layers
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORM_POSITIONS = ("pre", "post")
+# How the GAU computes its attention (`model.attention_impl`): 'xla' (the score matrix and a normaliser
+# of models.attention), 'pallas' (the blockwise kernel of models.pallas_attention; softmax and
+# softmax_plus only) or 'auto' (pallas on GPU/TPU where supported, else xla); see models.gau.
+ATTENTION_IMPLS = ("xla", "pallas", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,7 @@ class GAUConfig:
     residual_scores: bool = False  # RealFormer: add the previous layer's scores (post 8027); GAU only
     performer_features: int = 128  # m, random features of the Performer baseline
     qk_scale_init: str = "normal"  # γ of the Q/K scale-offsets: 'normal' (N(0, 0.02²)) or 'ones'; see ScaleOffset
+    attention_impl: str = "xla"  # GAU attention: 'xla', 'pallas' or 'auto' (ATTENTION_IMPLS; models.gau)
 
     @property
     def expand_dim(self) -> int:

@@ -22,11 +22,39 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from models import attention, flash, layers, performer, positions as positions_lib
-from models.gated_unit import GAUConfig, gated_output, gated_projections
+from models import attention, flash, layers, pallas_attention, performer, positions as positions_lib
+from models.gated_unit import ATTENTION_IMPLS, GAUConfig, gated_output, gated_projections
 
-__all__ = ["ATTENTION_LAYERS", "GAUConfig", "GAULanguageModel", "GatedAttentionUnit"]
+__all__ = ["ATTENTION_LAYERS", "GAUConfig", "GAULanguageModel", "GatedAttentionUnit", "attention_implementation"]
+
+
+def attention_implementation(cfg: GAUConfig, *, decode: bool = False) -> str:
+    """'xla' or 'pallas': how a GatedAttentionUnit computes `A V` under `cfg.attention_impl`.
+
+    'pallas' (`models.pallas_attention.blockwise_attention`, memory linear in n) supports the softmax
+    and softmax_plus normalisers without residual scores; asking for it with anything else raises a
+    ValueError. Decoding (a key/value cache, one query at a time) always takes the XLA path, so a model
+    trained with 'pallas' still samples. 'auto' picks 'pallas' on GPU and TPU where it is supported and
+    'xla' otherwise (always on CPU, where Pallas only interprets).
+    """
+    impl = cfg.attention_impl
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"model.attention_impl is {impl!r}; expected one of {list(ATTENTION_IMPLS)}")
+    supported = cfg.normalizer in pallas_attention.SUPPORTED_NORMALIZERS and not cfg.residual_scores
+    if impl == "pallas":
+        if cfg.normalizer not in pallas_attention.SUPPORTED_NORMALIZERS:
+            raise ValueError(f"model.attention_impl='pallas' supports the normalisers "
+                             f"{list(pallas_attention.SUPPORTED_NORMALIZERS)}, got model.normalizer="
+                             f"{cfg.normalizer!r}; use model.attention_impl='xla' or 'auto'")
+        if cfg.residual_scores:
+            raise ValueError("model.attention_impl='pallas' does not support model.residual_scores (the kernel "
+                             "never forms the score matrix to pass on); use model.attention_impl='xla' or 'auto'")
+        return "xla" if decode else "pallas"
+    if impl == "auto" and supported and not decode and jax.default_backend() in ("gpu", "tpu"):
+        return "pallas"
+    return "xla"
 
 
 class GatedAttentionUnit(nn.Module):
@@ -42,7 +70,10 @@ class GatedAttentionUnit(nn.Module):
       summed before the normaliser scales them, which equals summing scaled scores for every normaliser
       whose scale is the same in every layer).
     Returns: (y `[batch, n, d]`, this layer's scores if `residual_scores` is configured, else None).
-    The attention weights are sown into `intermediates/attention_weights` (`[batch, n, n_keys]`).
+    The attention weights are sown into `intermediates/attention_weights` (`[batch, n, n_keys]`) on the
+    XLA path only: the Pallas path (`attention_implementation` → 'pallas') never forms them, so nothing
+    is sown there. Its causal mask is by index (query i sees keys 0..i), which is what `positions`
+    `0 … n−1` give outside decoding.
     """
 
     config: GAUConfig
@@ -55,6 +86,10 @@ class GatedAttentionUnit(nn.Module):
         cfg = self.config
         u, v, (q, k) = gated_projections(cfg, x, 2)
         q, k = layers.maybe_rope(q, rope), layers.maybe_rope(k, rope)
+        if attention_implementation(cfg, decode=self.decode) == "pallas":
+            av = pallas_attention.blockwise_attention(q, k, v, normalizer=cfg.normalizer, causal=cfg.causal,
+                                                      key_valid=key_valid)
+            return gated_output(cfg, x, u * av, deterministic=self.deterministic), None
 
         key_positions = positions
         # relu2_paper's n: the sequence's unpadded length (in decoding, the cache length).
@@ -115,7 +150,7 @@ class GAULanguageModel(nn.Module):
         cfg = self.config
         dtype = cfg.compute_dtype
         n = tokens.shape[1]
-        positions, cache_index = jnp.arange(n), None
+        positions, cache_index = np.arange(n), None  # NumPy: tables become constants (layers.rope_tables)
         if decode and self.has_variable("cache", "index"):
             index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
             cache_index = index.value

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import optax
 
 from models.attention import NORMALIZERS
-from models.gated_unit import NORM_POSITIONS
-from models.gau import ATTENTION_LAYERS, GAUConfig, GAULanguageModel
+from models.gated_unit import ATTENTION_IMPLS, NORM_POSITIONS
+from models.gau import ATTENTION_LAYERS, GAUConfig, GAULanguageModel, attention_implementation
 from models.layers import KERNEL_INITS, NORMS, SCALE_INITS
 from models.positions import MAX_LENGTH, POSITIONS
 from train_lib import data as data_lib
@@ -52,8 +52,14 @@ def model_config(config) -> GAUConfig:
     cfg = GAUConfig.from_dict(values)
     for key, choices in (("normalizer", NORMALIZERS), ("norm", NORMS), ("dtype", ("float32", "bfloat16", "float16")),
                          ("attention", ATTENTION_LAYERS), ("position", POSITIONS), ("norm_position", NORM_POSITIONS),
-                         ("kernel_init", KERNEL_INITS), ("qk_scale_init", SCALE_INITS)):
+                         ("kernel_init", KERNEL_INITS), ("qk_scale_init", SCALE_INITS),
+                         ("attention_impl", ATTENTION_IMPLS)):
         _check_choice(f"model.{key}", getattr(cfg, key), choices)
+    if cfg.attention_impl == "pallas" and cfg.attention == "gau":
+        try:
+            attention_implementation(cfg)
+        except ValueError as error:
+            raise ConfigError(f"config: {error}") from None
     if cfg.chunk_size <= 0 or cfg.max_positions <= 0 or cfg.performer_features <= 0:
         raise ConfigError("config: 'model.chunk_size', 'model.max_positions' and 'model.performer_features' must be "
                           f"positive, got {cfg.chunk_size}, {cfg.max_positions}, {cfg.performer_features}")
