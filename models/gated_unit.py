@@ -80,8 +80,8 @@ def _projection(cfg: GAUConfig, features: tuple[int, ...], axes: tuple[str | Non
                              name=name)
 
 
-def gated_projections(cfg: GAUConfig, x: jax.Array, num_qk: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """U, V `[batch, n, e]` and `num_qk` scale-offsets of Z, `[num_qk, batch, n, s]`, from x `[batch, n, d]`."""
+def gated_projections(cfg: GAUConfig, x: jax.Array, num_qk: int) -> tuple[jax.Array, jax.Array, tuple]:
+    """U, V `[batch, n, e]` and a tuple of `num_qk` scale-offsets of Z, each `[batch, n, s]`, from x `[batch, n, d]`."""
     h = x if cfg.norm_position == "post" else layers.NORMS[cfg.norm](dtype=cfg.compute_dtype, name="norm")(x)
     uv = nn.silu(_projection(cfg, (2, cfg.expand_dim), ("embed", None, "expand"), "uv")(h))
     u = nn.with_logical_constraint(uv[..., 0, :], ("batch", "length", "act_expand"))
