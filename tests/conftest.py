@@ -10,6 +10,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # (inherited by the CLI subprocesses they start). tests/train_lib/test_benchmark.py measures it for real.
 os.environ.setdefault("KEXUE_PEAK_FLOPS", "1e11")
 
+# The CLIs add per-task XLA:CPU performance flags (train_lib/xla_flags.py); tests compile with XLA's own
+# defaults in-process and in the CLI subprocesses they start (which inherit this), so runs compare exactly.
+os.environ["KEXUE_XLA_DEFAULTS"] = "0"
+
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
 jax.config.update("jax_threefry_partitionable", True)

@@ -10,6 +10,7 @@ from typing import Callable, NoReturn
 
 from absl import flags
 
+from train_lib import xla_flags
 from train_lib.config_lib import ConfigError
 
 # Environment variables that mean "this process is one of several in a TPU pod or SLURM job":
@@ -127,6 +128,7 @@ def load_config(config_flag):
     except Exception as e:  # raised while building the config, e.g. an unknown variant
         cause = e.__cause__ or e
         fail(f"config: cannot load {config_arg!r}: {' '.join(str(cause).split())}")
+    xla_flags.apply_defaults(str(config.get("task", "")))  # before JAX starts a backend
     return config
 
 

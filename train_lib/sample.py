@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 
 from models.diffusion import likelihood, samplers, schedules
-from train_lib import cli, sample_quality
+from train_lib import cli, sample_quality, xla_flags
 from train_lib.config_lib import ConfigError
 
 TABLE_SAMPLERS = ("ddpm_beta", "ddpm_beta_tilde", "analytic_ddpm", "ddim", "analytic_ddim")
@@ -348,6 +348,7 @@ def main(argv: list[str]) -> None:
     cli.parse_flags(argv)
     if not flags.FLAGS.workdir:
         cli.fail("--workdir is required")
+    xla_flags.apply_defaults("diffusion")  # before JAX starts a backend
 
     def guarded():
         try:

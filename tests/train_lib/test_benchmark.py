@@ -98,7 +98,8 @@ def test_benchmark_cli_reports_step_time_flops_and_mfu():
     assert out["peak_memory_bytes"] > 0 and "MFU" in result.stdout
 
 
-def test_benchmark_cli_times_the_diffusion_sampler_too():
+def test_benchmark_cli_times_the_diffusion_sampler_too(monkeypatch):
+    monkeypatch.setenv("KEXUE_XLA_DEFAULTS", "1")  # XLA accepts the diffusion task's CPU flags
     result = run_cli(["--config=experiments/ddpm_digits.py:tiny", "--steps=1", "--warmup=0", "--sample_steps=2",
                       "--sample_batch=8"], devices=1, module="train_lib.benchmark")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -119,3 +120,16 @@ def test_flash_speed_study_runs_and_flash_memory_does_not_grow_with_length():
     assert "| flash | 128 |" in table and "| gau | 64 |" in table
     # Same tokens per step: quadratic GAU's n×n scores double from n=64 to 128, FLASH's chunks stay C×C.
     assert memory[("gau", 128)] / memory[("gau", 64)] > memory[("flash", 128)] / memory[("flash", 64)]
+
+
+def test_xla_defaults_per_task_respect_the_user_and_the_opt_out():
+    from train_lib import xla_flags
+
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    flags_now = xla_flags.apply_defaults("diffusion", env)
+    assert flags_now.startswith("--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type=")
+    assert xla_flags.apply_defaults("diffusion", env) == flags_now  # idempotent
+    assert xla_flags.apply_defaults("lm", {"XLA_FLAGS": ""}) == ""
+    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"}
+    assert xla_flags.apply_defaults("diffusion", mine) == mine["XLA_FLAGS"]
+    assert xla_flags.apply_defaults("diffusion", {"KEXUE_XLA_DEFAULTS": "0"}) == ""
