@@ -30,14 +30,20 @@ from ml_collections import config_flags
 
 from train_lib import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/gau_lm.py:flash_peer.",
-                                          lock_config=True)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed train steps (the median is reported).")
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
-_SAMPLE_STEPS = flags.DEFINE_integer("sample_steps", 10, "Diffusion only: K of the timed sampler run (0: skip).")
-_SAMPLE_BATCH = flags.DEFINE_integer("sample_batch", None, "Diffusion only: images per sampler step "
-                                     "(default: the config's batch_size).")
-cli.define_distributed_flags()
+_CONFIG = None  # the --config flag, defined by _define_flags
+
+
+def _define_flags() -> None:
+    """Flags of the command line (defined when it runs, so other scripts can import this module)."""
+    global _CONFIG
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. "
+                                              "experiments/gau_lm.py:flash_peer.", lock_config=True)
+    flags.DEFINE_integer("steps", 10, "Timed train steps (the median is reported).")
+    flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
+    flags.DEFINE_integer("sample_steps", 10, "Diffusion only: K of the timed sampler run (0: skip).")
+    flags.DEFINE_integer("sample_batch", None, "Diffusion only: images per sampler step (default: the "
+                         "config's batch_size).")
+    cli.define_distributed_flags()
 
 
 def _median_ms(times: list[float]) -> float:
@@ -160,16 +166,18 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str]) -> None:
+    _define_flags()
     cli.parse_flags(argv)
     config = cli.load_config(_CONFIG)
     cli.setup_logging()
     cli.initialize_distributed()
-    if _STEPS.value < 1 or _WARMUP.value < 0 or _SAMPLE_STEPS.value < 0:
+    f = flags.FLAGS
+    if f.steps < 1 or f.warmup < 0 or f.sample_steps < 0:
         cli.fail("--steps must be ≥ 1, --warmup and --sample_steps ≥ 0")
 
     def body():
-        result = benchmark_train_step(config, steps=_STEPS.value, warmup=_WARMUP.value,
-                                      sample_steps=_SAMPLE_STEPS.value, sample_batch=_SAMPLE_BATCH.value)
+        result = benchmark_train_step(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps,
+                                      sample_batch=f.sample_batch)
         if jax.process_index() == 0:
             print(format_table(result))
             print(json.dumps(result), flush=True)
