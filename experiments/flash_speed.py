@@ -52,17 +52,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def experiment_config(config, model: str, length: int) -> ml_collections.ConfigDict:
     from experiments import gau_lm
+    from train_lib import config_lib
 
     exp = gau_lm.get_config(config.experiment.split(":", 1)[1])
     values = {"data.seq_len": length, "batch_size": max(1, config.tokens_per_batch // length),
               **MODELS[model], **{f"model.{k}": v for k, v in config.overrides.items()}}
-    for key, value in values.items():
-        node = exp
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return exp
+    return config_lib.apply_overrides(exp, values)
 
 
 def run(config: ml_collections.ConfigDict) -> tuple[str, list[dict]]:

@@ -72,6 +72,7 @@ import ml_collections
 import numpy as np
 
 from experiments import gau_lm
+from train_lib import config_lib
 
 MODELS = {
     "relu2": {"model.normalizer": "relu2"},
@@ -139,14 +140,7 @@ def run_config(config: ml_collections.ConfigDict, model: str, seed: int) -> ml_c
                  "ema_decay": 0.0, "final_sample_tokens": 0,
                  "eval_every_steps": steps, "checkpoint_every_steps": steps, "log_every_steps": max(1, steps // 10),
                  "mesh.data": -1}
-    run = gau_lm.get_config("tiny")
-    for key, value in overrides.items():
-        node = run
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    return run
+    return config_lib.apply_overrides(gau_lm.get_config("tiny"), overrides)
 
 
 def train_and_score(config, model: str, seed: int, stream: np.ndarray) -> dict:

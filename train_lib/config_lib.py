@@ -117,3 +117,15 @@ def ensure_writable_dir(path: str | os.PathLike, *, what: str = "workdir") -> pa
         raise ConfigError(f"{what}: {str(directory)!r} is not writable ({e.strerror or e}); choose a directory "
                           "you can write to") from None
     return directory
+
+
+def apply_overrides(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+    """Sets dotted keys (`{"model.num_layers": 2}`) in `config`, in place, as `--config.KEY=VALUE` would;
+    returns `config`. Unknown keys raise, as on the command line once the config is locked."""
+    for key, value in values.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config

@@ -43,9 +43,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from importlib import metadata
+
+from peer_timing import time_steps, train_step  # this script's folder is on sys.path
 
 import torch
 import torch.nn.functional as F
@@ -80,31 +80,20 @@ def main() -> None:
     alpha_bar = torch.cumprod(1.0 - betas, dim=0).to(device=device, dtype=torch.float32)
     x0 = torch.randn(args.batch, 1, 8, 8, device=device)
 
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
+    def loss_fn():
         t = torch.randint(0, NUM_TIMESTEPS, (args.batch,), device=device)
         eps = torch.randn_like(x0)
         ab = alpha_bar[t].view(-1, 1, 1, 1)
         x_t = ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps
-        loss = F.mse_loss(model(x_t, t).sample, eps)
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return float(loss.detach())
+        return F.mse_loss(model(x_t, t).sample, eps)
 
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    step = train_step(optimizer, loss_fn, device)
+    timing = time_steps(step, warmup=args.warmup, steps=args.steps)
+    median, loss = timing.pop("median_s"), timing.pop("loss")
     print(json.dumps({
         "peer": "diffusers", "version": metadata.version("diffusers"), "torch": torch.__version__,
         "device": device.type, "threads": threads, "batch": args.batch,
-        "step_ms": 1e3 * median, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
+        **timing,
         "images_per_sec": args.batch / median, "params": params, "loss": loss,
     }), flush=True)
 

@@ -42,9 +42,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 from importlib import metadata
+
+from peer_timing import time_steps, train_step  # this script's folder is on sys.path
 
 import torch
 import torch.nn.functional as F
@@ -75,28 +75,17 @@ def main() -> None:
     tokens = torch.randint(0, 256, (args.batch, args.length + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
+    def loss_fn():
         logits = model(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        loss.backward()
-        optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return float(loss.detach())
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
-    for _ in range(args.warmup):
-        step()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        loss = step()
-        times.append(time.perf_counter() - start)
-    median = statistics.median(times)
+    step = train_step(optimizer, loss_fn, device)
+    timing = time_steps(step, warmup=args.warmup, steps=args.steps)
+    median, loss = timing.pop("median_s"), timing.pop("loss")
     print(json.dumps({
         "peer": "FLASH-pytorch", "version": metadata.version("FLASH-pytorch"), "torch": torch.__version__,
         "device": device.type, "threads": threads, "batch": args.batch, "length": args.length,
-        "step_ms": 1e3 * median, "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
+        **timing,
         "tokens_per_sec": args.batch * args.length / median, "params": params, "loss": loss,
     }), flush=True)
 

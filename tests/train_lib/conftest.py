@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from experiments import gau_lm
+from train_lib import config_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -20,13 +21,8 @@ TEST_OVERRIDES = {
 
 
 def make_config(**overrides):
-    config = gau_lm.get_config("tiny")
-    for key, value in {**TEST_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config = config_lib.apply_overrides(
+        gau_lm.get_config("tiny"), {**TEST_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}})
     config.lock()
     return config
 

@@ -22,7 +22,7 @@ from experiments import ddpm_digits
 from models.diffusion import schedules
 from tests.models import diffusion_oracles as oracles
 from tests.train_lib.conftest import REPO, read_metrics
-from train_lib import diffusion_task, image_data, sample, sharding, tasks, trainer
+from train_lib import config_lib, diffusion_task, image_data, sample, sharding, tasks, trainer
 from train_lib.config_lib import ConfigError
 
 tasks.TASKS.setdefault("diffusion", diffusion_task.DiffusionTask)  # until train_lib/tasks.py registers it
@@ -39,13 +39,8 @@ _RUN_MODULE = ("import runpy, sys; from train_lib import tasks; from train_lib.d
 
 
 def make_config(variant="tiny", **overrides):
-    config = ddpm_digits.get_config(variant)
-    for key, value in {**TEST_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}}.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config = config_lib.apply_overrides(
+        ddpm_digits.get_config(variant), {**TEST_OVERRIDES, **{k.replace("__", "."): v for k, v in overrides.items()}})
     config.lock()
     return config
 
