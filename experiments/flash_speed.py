@@ -105,16 +105,7 @@ def run(config: ml_collections.ConfigDict) -> tuple[str, list[dict]]:
     return "\n".join(lines), results
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    table, _ = run(_CONFIG.value)
-    print(table)
-
-
 if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
+    from train_lib import cli
 
-    # Defined here, not at import: config_flags re-imports this file to call get_config.
-    _CONFIG = config_flags.DEFINE_config_file("config", default=__file__, help_string="experiment config")
-    app.run(main)
+    cli.run_study(__file__, lambda config: run(config)[0])

@@ -225,16 +225,7 @@ def run(config: ml_collections.ConfigDict) -> str:
     return text
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    print(run(_CONFIG.value))
-
-
 if __name__ == "__main__":
-    from absl import app, logging as absl_logging
-    from ml_collections import config_flags
+    from train_lib import cli
 
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    # Defined here, not at import: config_flags re-imports this file to call get_config.
-    _CONFIG = config_flags.DEFINE_config_file("config", default=__file__, help_string="experiment config")
-    app.run(main)
+    cli.run_study(__file__, run)

@@ -341,15 +341,7 @@ def _mean_and_spread(values: list[float]) -> str:
     return f"{values.mean():.4f}" + (f" ± {spread:.4f}" if len(values) > 1 else "")
 
 
-def main(argv: list[str]) -> None:
-    del argv
-    print(run(_CONFIG.value))
-
-
 if __name__ == "__main__":
-    from absl import app
-    from ml_collections import config_flags
+    from train_lib import cli
 
-    # Defined here, not at import: config_flags re-imports this file to call get_config.
-    _CONFIG = config_flags.DEFINE_config_file("config", default=__file__, help_string="experiment config")
-    app.run(main)
+    cli.run_study(__file__, run)

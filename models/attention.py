@@ -38,6 +38,22 @@ def valid_key_counts(mask: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.float32), 1.0)
 
 
+def visible_key_counts(n: int, *, causal: bool, key_valid: jax.Array | None = None, batch: int = 1) -> jax.Array:
+    """l_i, the keys query i sees, `[batch, n]` float32 (≥ 1), from the causal flag and padding alone:
+    `valid_key_counts` without forming the n×n mask (blockwise and chunked attention use it)."""
+    valid = jnp.ones((batch, n), bool) if key_valid is None else key_valid.astype(bool)
+    if causal:
+        counts = jnp.cumsum(valid, axis=-1, dtype=jnp.float32)
+    else:
+        counts = jnp.broadcast_to(jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.float32), valid.shape)
+    return jnp.maximum(counts, 1.0)
+
+
+def softmax_plus_scale(counts: jax.Array) -> jax.Array:
+    """softmax_plus's factor log(max(l, 16)) / log 512 for visible-key counts l (posts 8823, 9019)."""
+    return jnp.log(jnp.maximum(counts, _SOFTMAX_PLUS_MIN_LENGTH)) / math.log(_SOFTMAX_PLUS_REFERENCE_LENGTH)
+
+
 def sequence_key_count(mask: jax.Array) -> jax.Array:
     """`n` of the paper's `relu²(QKᵀ/n)`: keys visible to *some* row, `[..., 1, 1]` float32, at least 1.
 
@@ -68,9 +84,7 @@ def softmax_plus(scores, mask, *, key_dim, train_length, sequence_length=None):
     length grows (posts https://kexue.fm/archives/8823, https://kexue.fm/archives/9019; bert4keras).
     """
     del train_length, sequence_length
-    scale = (jnp.log(jnp.maximum(valid_key_counts(mask), _SOFTMAX_PLUS_MIN_LENGTH))
-             / math.log(_SOFTMAX_PLUS_REFERENCE_LENGTH))
-    return masked_softmax(scores / math.sqrt(key_dim) * scale, mask)
+    return masked_softmax(scores / math.sqrt(key_dim) * softmax_plus_scale(valid_key_counts(mask)), mask)
 
 
 def relu2(scores, mask, *, key_dim, train_length, sequence_length=None):

@@ -75,13 +75,10 @@ def mixed_chunk_attention(q_quad: jax.Array, k_quad: jax.Array, q_lin: jax.Array
     # each query may see. One large product instead of two and their sum (about 10% of a FLASH train
     # step on a CPU); the running sums stay float32 until this matmul.
     kv = jnp.einsum("bgks,bgke->bgse", k_lin, v, preferred_element_type=jnp.float32)
-    if causal:
-        visible = jnp.cumsum(valid.reshape(b, -1), axis=1, dtype=jnp.float32).reshape(valid.shape)
-        past = attention.exclusive_chunk_cumsum(kv, 1)
-    else:
-        visible = jnp.broadcast_to(jnp.sum(key_valid, axis=1, dtype=jnp.float32)[:, None, None], valid.shape)
-        past = jnp.broadcast_to(jnp.sum(kv, axis=1, keepdims=True), kv.shape)
-    q_scaled = q_lin.astype(jnp.float32) / jnp.maximum(visible, 1.0)[..., None]
+    visible = attention.visible_key_counts(valid.size // b, causal=causal, key_valid=valid.reshape(b, -1), batch=b)
+    past = (attention.exclusive_chunk_cumsum(kv, 1) if causal
+            else jnp.broadcast_to(jnp.sum(kv, axis=1, keepdims=True), kv.shape))
+    q_scaled = q_lin.astype(jnp.float32) / visible.reshape(valid.shape)[..., None]
     lhs = jnp.concatenate([weights.astype(v.dtype), q_scaled.astype(v.dtype)], axis=-1)
     rhs = jnp.concatenate([v, past.astype(v.dtype)], axis=-2)
     out = jnp.einsum("bgqk,bgke->bgqe", lhs, rhs, preferred_element_type=jnp.float32)

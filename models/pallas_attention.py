@@ -60,7 +60,7 @@ from jax.experimental import pallas as pl
 
 from models import attention
 
-__all__ = ["SUPPORTED_NORMALIZERS", "blockwise_attention", "softmax_plus_factor", "visible_key_counts"]
+__all__ = ["SUPPORTED_NORMALIZERS", "blockwise_attention"]
 
 SUPPORTED_NORMALIZERS = ("softmax", "softmax_plus")
 # The masked-score constant of models.attention: finite, so no inf − inf appears in the running maximum.
@@ -281,23 +281,6 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # ------------------------------------------------------------------------------------------------
 # Public entry point.
 # ------------------------------------------------------------------------------------------------
-def visible_key_counts(n: int, *, causal: bool, key_valid: jax.Array | None = None, batch: int = 1) -> jax.Array:
-    """l_i, the keys row i sees, `[batch, n]` float32 (≥ 1): `attention.valid_key_counts` without the mask."""
-    valid = jnp.ones((batch, n), bool) if key_valid is None else key_valid.astype(bool)
-    if causal:
-        counts = jnp.cumsum(valid, axis=-1, dtype=jnp.float32)
-    else:
-        counts = jnp.broadcast_to(jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.float32), valid.shape)
-    return jnp.maximum(counts, 1.0)
-
-
-def softmax_plus_factor(n: int, *, causal: bool, key_valid: jax.Array | None = None, batch: int = 1) -> jax.Array:
-    """c_i = log(max(l_i, 16)) / log 512, `[batch, n]` float32 (the scale of `attention.softmax_plus`)."""
-    counts = visible_key_counts(n, causal=causal, key_valid=key_valid, batch=batch)
-    return (jnp.log(jnp.maximum(counts, attention._SOFTMAX_PLUS_MIN_LENGTH))
-            / math.log(attention._SOFTMAX_PLUS_REFERENCE_LENGTH))
-
-
 def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, normalizer: str, causal: bool,
                         key_valid: jax.Array | None = None, block_q: int = 128, block_k: int = 128,
                         interpret: bool | None = None) -> jax.Array:
@@ -338,7 +321,8 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, normalizer:
 
     if normalizer == "softmax_plus":
         # The factor is a function of the mask only: fold it into q; d/dq flows through the product.
-        factor = lax.stop_gradient(softmax_plus_factor(n, causal=causal, key_valid=key_valid, batch=b))
+        factor = lax.stop_gradient(attention.softmax_plus_scale(
+            attention.visible_key_counts(n, causal=causal, key_valid=key_valid, batch=b)))
         q = (q.astype(jnp.float32) * factor[..., None]).astype(dtype)
 
     longest = max(_MIN_BLOCK, pl.next_power_of_2(n))

@@ -28,7 +28,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from train_lib import cli
+from train_lib import cli, xla_flags
 
 _CONFIG = None  # the --config flag, defined by _define_flags
 
@@ -169,6 +169,7 @@ def main(argv: list[str]) -> None:
     _define_flags()
     cli.parse_flags(argv)
     config = cli.load_config(_CONFIG)
+    xla_flags.apply_defaults(config.task)  # per-task XLA:CPU flags, before JAX starts a backend
     cli.setup_logging()
     cli.initialize_distributed()
     f = flags.FLAGS

@@ -10,7 +10,6 @@ from typing import Callable, NoReturn
 
 from absl import flags
 
-from train_lib import xla_flags
 from train_lib.config_lib import ConfigError
 
 # Environment variables that mean "this process is one of several in a TPU pod or SLURM job":
@@ -128,8 +127,23 @@ def load_config(config_flag):
     except Exception as e:  # raised while building the config, e.g. an unknown variant
         cause = e.__cause__ or e
         fail(f"config: cannot load {config_arg!r}: {' '.join(str(cause).split())}")
-    xla_flags.apply_defaults(str(config.get("task", "")))  # before JAX starts a backend
     return config
+
+
+def run_study(script_file: str, run: Callable) -> None:
+    """The command line of a study script in experiments/: `python -m experiments.NAME [--config=FILE:ARG]
+    [--config.KEY=VALUE]` prints `run(config)`, the config defaulting to the script's own `get_config`.
+
+    The flag is defined here, when the script runs, not when it is imported: config_flags re-imports the
+    file to call its get_config.
+    """
+    from absl import app
+    from absl import logging as absl_logging
+    from ml_collections import config_flags
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    holder = config_flags.DEFINE_config_file("config", default=script_file, help_string="experiment config")
+    app.run(lambda argv: print(run(holder.value)))
 
 
 def run_guarded(body: Callable[[], None]) -> None:

@@ -153,10 +153,10 @@ def peak_matmul_flops(dtype: str = "float32", *, min_seconds: float = 0.2, repea
         size *= 2
 
 
-def global_peak_flops(dtype: str = "float32") -> float:
-    """Peak of all devices of all processes together, from one device's measurement. CPU "devices"
-    (real or fake) share their host's cores, so a CPU host counts once, whatever its device count."""
-    per_device = peak_matmul_flops(dtype)
+def global_peak_flops(dtype: str = "float32", *, min_seconds: float = 0.2) -> float:
+    """Peak of all devices of all processes together, from one device's measurement (`peak_matmul_flops`).
+    CPU "devices" (real or fake) share their host's cores, so a CPU host counts once, whatever its device count."""
+    per_device = peak_matmul_flops(dtype, min_seconds=min_seconds)
     cpu = jax.devices()[0].platform == "cpu"
     return per_device * (jax.process_count() if cpu else jax.device_count())
 

@@ -11,7 +11,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from train_lib import cli
+from train_lib import cli, xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file, e.g. experiments/gau_lm.py:tiny.",
                                           lock_config=True)
@@ -26,6 +26,7 @@ def main(argv: list[str]) -> None:
     if not _WORKDIR.value:
         cli.fail("--workdir is required: the directory for checkpoints, metrics and logs")
     config = cli.load_config(_CONFIG)
+    xla_flags.apply_defaults(config.task)  # per-task XLA:CPU flags, before JAX starts a backend
     cli.setup_logging()
     cli.initialize_distributed()
 
