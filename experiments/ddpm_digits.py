@@ -27,7 +27,7 @@ Variants (`get_config(arg)`: a variant, then presets after commas):
              python -m train_lib.benchmark --config=experiments/ddpm_digits.py:unet_peer
              python tests/peers/compare.py unet     # against diffusers (needs a PyTorch venv; see there)
            Result (idle 2-core CPU, 2026-11-21, median of 3 alternating rounds): 748 images/s (85.6 ms per
-           step of 64), MFU 48%, 1.18× diffusers' 644 images/s (README "Speed").
+           step of 64), MFU 48%, 1.18× diffusers' 644 images/s (README "Performance").
 
 Presets: `v` / `x0` (what the network predicts), `elbo` (the variational-bound weighting instead of
 DDPM's "simple" one), `cosine` (the cosine schedule), `conditional` (class-conditional U-Net through

@@ -17,7 +17,7 @@ Run:
   python -m experiments.flash_speed --config=experiments/flash_speed.py:quick      # seconds (tests)
 
 Result of the first command (286 s on an idle 2-core AMD EPYC, AVX2, 2026-11-21; matmul peak in the
-run 140 GFLOP/s; also in the README's "Speed" section):
+run 140 GFLOP/s; also in the README's "Performance" section):
 
   | model | n | batch | tokens/s | time/token vs n=512 | MFU | peak memory |
   |---|---|---|---|---|---|---|

@@ -18,7 +18,7 @@ Variants:
            python -m train_lib.benchmark --config=experiments/gau_lm.py:flash_peer
            python tests/peers/compare.py flash     # against FLASH-pytorch (needs a PyTorch venv; see there)
          Result (idle 2-core CPU, 2026-11-21, median of 3 alternating rounds): 5,571 tokens/s, MFU 54%,
-         0.83× FLASH-pytorch's 6,616 tokens/s (README "Speed").
+         0.83× FLASH-pytorch's 6,616 tokens/s (README "Performance").
 
 Presets, added after a variant with commas (`--config=experiments/gau_lm.py:small,flash`):
   flash         FLASH layers (mixed chunk attention, arXiv 2202.10447): pre-norm ScaleNorm, local relu²(·/C)

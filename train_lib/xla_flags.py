@@ -2,7 +2,7 @@
 
 On the CPU, XLA 0.10's YNNPACK integration also takes over elementwise and reduction fusions. For the
 diffusion U-Net (many small convolutions, GroupNorms and SiLUs) keeping YNNPACK for the matmuls only
-makes the `unet_peer` train step about 30% faster on a 2-core AVX2 CPU (128 → 91 ms; README "Speed");
+makes the `unet_peer` train step about 30% faster on a 2-core AVX2 CPU (128 → 91 ms; README "Performance");
 for the FLASH LM it is about 5% slower, so the LM tasks keep XLA's defaults. The flags only concern CPU
 compilation; JAX reads `XLA_FLAGS` when it starts its first backend, so they must be set before that.
 

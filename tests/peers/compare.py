@@ -12,11 +12,16 @@ Not part of `make test` (pytest.ini ignores tests/peers). Each round runs the pe
 (`python -m train_lib.benchmark`, with this interpreter, from the repository root), each as a fresh
 subprocess timing `--steps` steps after its warm-up and printing a JSON line last. Alternating the two
 spreads slow drifts of the machine over both. Prints a markdown table of each round's throughput
-(tokens/s or images/s), the median over rounds, the median of the per-round ratios ours/peer, our MFU,
-then one JSON line:
+(tokens/s or images/s), the median over rounds, the median of the per-round ratios ours/peer, our MFU
+and the peer's, then one JSON line:
 
     {"comparison": "flash" | "unet", "ours_median", "peer_median", "ratio" (median of per-round
-     ours/peer), "ours_mfu" (median), "rounds", ...}
+     ours/peer), "ours_mfu" (median), "peer_mfu" (median), "rounds", ...}
+
+The peer's MFU uses our counted model FLOPs per token or image (the models have the same dimensions
+and, within 0.04%, the same parameter count) and the matmul peak our benchmark measured in the same
+round: peer_mfu = ours_mfu × peer throughput / our throughput. It says how much headroom the machine
+leaves: beating the peer by a factor r needs an MFU of r × peer_mfu.
 
 Both sides use every core by default; run it on an otherwise quiet machine or the numbers mean little.
 """
@@ -37,11 +42,13 @@ COMPARISONS = {
         "peer_script": HERE / "flash_pytorch_peer.py",
         "ours_args": ["--config=experiments/gau_lm.py:flash_peer"],
         "unit": "tokens",
+        "target": 1.5,  # issue 7's targets: ours / peer
     },
     "unet": {
         "peer_script": HERE / "diffusers_unet_peer.py",
         "ours_args": ["--config=experiments/ddpm_digits.py:unet_peer", "--sample_steps=0"],
         "unit": "images",
+        "target": 1.3,
     },
 }
 
@@ -65,13 +72,21 @@ def run_json(cmd: list[str], what: str) -> dict:
         sys.exit(f"compare.py: {what} printed no result ({e}): {' '.join(cmd)}\n{proc.stdout[-2000:]}")
 
 
-def markdown_table(unit: str, peer_label: str, peers: list[float], ours: list[float]) -> str:
+def peer_mfu(our_mfu: float, ours: float, peer: float) -> float:
+    """The peer's MFU from ours: same FLOPs per token/image and the same measured peak, so MFU ∝ throughput."""
+    return our_mfu * peer / ours
+
+
+def markdown_table(unit: str, peer_label: str, peers: list[float], ours: list[float], our_mfus: list[float]) -> str:
     ratios = [o / p for o, p in zip(ours, peers)]
-    lines = [f"| round | {peer_label} {unit}/s | ours {unit}/s | ours / peer |", "|---:|---:|---:|---:|"]
-    for i, (p, o, r) in enumerate(zip(peers, ours, ratios), 1):
-        lines.append(f"| {i} | {p:,.0f} | {o:,.0f} | {r:.2f}× |")
+    peer_mfus = [peer_mfu(m, o, p) for m, o, p in zip(our_mfus, ours, peers)]
+    lines = [f"| round | {peer_label} {unit}/s | ours {unit}/s | ours / peer | peer MFU | our MFU |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for i, (p, o, r, pm, m) in enumerate(zip(peers, ours, ratios, peer_mfus, our_mfus), 1):
+        lines.append(f"| {i} | {p:,.0f} | {o:,.0f} | {r:.2f}× | {100 * pm:.0f}% | {100 * m:.0f}% |")
     lines.append(f"| median | {statistics.median(peers):,.0f} | {statistics.median(ours):,.0f} | "
-                 f"{statistics.median(ratios):.2f}× |")
+                 f"{statistics.median(ratios):.2f}× | {100 * statistics.median(peer_mfus):.0f}% | "
+                 f"{100 * statistics.median(our_mfus):.0f}% |")
     return "\n".join(lines)
 
 
@@ -108,17 +123,22 @@ def main() -> None:
     peers = [r[key] for r in peer_results]
     ours = [r[key] for r in our_results]
     ratio = statistics.median(o / p for o, p in zip(ours, peers))
-    mfu = statistics.median(r["mfu"] for r in our_results)
+    our_mfus = [r["mfu"] for r in our_results]
+    mfu = statistics.median(our_mfus)
+    peers_mfu = statistics.median(peer_mfu(m, o, p) for m, o, p in zip(our_mfus, ours, peers))
     peer, mine = peer_results[-1], our_results[-1]
     peer_label = f"{peer['peer']} {peer['version']}"
     print(f"\n{args.comparison}: {peer_label} (torch {peer['torch']}, {peer['threads']} threads, "
           f"{peer['params']:,} params) vs ours ({mine['config']}, {mine['devices']} {mine['platform']} "
           f"device(s), {mine['params']:,} params); {args.steps} timed steps per run\n")
-    print(markdown_table(unit, peer_label, peers, ours))
-    print(f"\nour MFU (median): {100 * mfu:.1f}%\n")
+    print(markdown_table(unit, peer_label, peers, ours, our_mfus))
+    print(f"\nMFU (median): ours {100 * mfu:.1f}%, the peer's {100 * peers_mfu:.1f}% (of the matmul peak our "
+          f"benchmark measured; {spec['target']}× the peer, the target, would need an MFU of "
+          f"{100 * spec['target'] * peers_mfu:.0f}%)\n")
     print(json.dumps({
         "comparison": args.comparison, "unit": key, "ours_median": statistics.median(ours),
-        "peer_median": statistics.median(peers), "ratio": ratio, "ours_mfu": mfu, "rounds": args.rounds,
+        "peer_median": statistics.median(peers), "ratio": ratio, "ours_mfu": mfu, "peer_mfu": peers_mfu,
+        "peak_flops": statistics.median(r["peak_flops"] for r in our_results), "rounds": args.rounds,
         "steps": args.steps, "ours_per_round": ours, "peer_per_round": peers, "ours_params": mine["params"],
         "peer_params": peer["params"], "peer": peer["peer"], "peer_version": peer["version"],
         "torch": peer["torch"], "peer_threads": peer["threads"], "ours_platform": mine["platform"],

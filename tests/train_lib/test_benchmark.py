@@ -138,3 +138,21 @@ def test_xla_defaults_per_task_respect_the_user_and_the_opt_out():
     mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"}
     assert xla_flags.apply_defaults("diffusion", mine) == mine["XLA_FLAGS"]
     assert xla_flags.apply_defaults("diffusion", {"KEXUE_XLA_DEFAULTS": "0"}) == ""
+
+
+def test_peer_comparison_derives_the_peers_mfu_from_the_same_flops_and_peak():
+    # tests/peers/compare.py runs without PyTorch in this venv; only its arithmetic is tested here.
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "peers" / "compare.py"
+    spec = importlib.util.spec_from_file_location("peer_compare", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    # 64.4 GFLOP per 4,096 tokens, peak 160 GFLOP/s: ours 5,600 tokens/s, the peer 6,600 tokens/s.
+    flops_per_token, peak = 64.4e9 / 4096, 160e9
+    ours, peer = 5600.0, 6600.0
+    our_mfu = flops_per_token * ours / peak
+    assert compare.peer_mfu(our_mfu, ours, peer) == pytest.approx(flops_per_token * peer / peak, rel=1e-12)
+    table = compare.markdown_table("tokens", "peer 1.0", [peer], [ours], [our_mfu])
+    assert "| 1 | 6,600 | 5,600 | 0.85× | 65% | 55% |" in table
