@@ -26,8 +26,9 @@ Variants (`get_config(arg)`: a variant, then presets after commas):
            attention_head_dim=64, dropout=0.1)`, trained the same way (ε-MSE, Adam, batch 64):
              python -m train_lib.benchmark --config=experiments/ddpm_digits.py:unet_peer
              python tests/peers/compare.py unet     # against diffusers (needs a PyTorch venv; see there)
-           Result (idle 2-core CPU, 2026-11-21, median of 3 alternating rounds): 748 images/s (85.6 ms per
-           step of 64), MFU 48%, 1.18× diffusers' 644 images/s (README "Performance").
+           Result (2-core CPU, 2026-11-21, medians of alternating rounds): 748 images/s (85.6 ms per step
+           of 64), MFU 48%, 1.18× diffusers' 644 images/s (3 rounds, idle machine); 750 vs 596 images/s,
+           1.15× (5 rounds, noisier day; diffusers at 37% MFU) (README "Performance").
 
 Presets: `v` / `x0` (what the network predicts), `elbo` (the variational-bound weighting instead of
 DDPM's "simple" one), `cosine` (the cosine schedule), `conditional` (class-conditional U-Net through
