@@ -46,10 +46,6 @@ def _define_flags() -> None:
     cli.define_distributed_flags()
 
 
-def _median_ms(times: list[float]) -> float:
-    return 1e3 * float(np.median(times))
-
-
 def _memory_bytes(compiled) -> int | None:
     try:
         m = compiled.memory_analysis()

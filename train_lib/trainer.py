@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
-import pathlib
 import time
 from typing import Any
 

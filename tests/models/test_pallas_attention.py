@@ -1,5 +1,4 @@
 """The blockwise Pallas attention kernel (interpret mode on CPU) against the XLA normalisers, and its use in the GAU."""
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -77,15 +77,20 @@ def peer_mfu(our_mfu: float, ours: float, peer: float) -> float:
     return our_mfu * peer / ours
 
 
+def peer_mfus(our_mfus: list[float], ours: list[float], peers: list[float]) -> list[float]:
+    """`peer_mfu` of each round."""
+    return [peer_mfu(m, o, p) for m, o, p in zip(our_mfus, ours, peers)]
+
+
 def markdown_table(unit: str, peer_label: str, peers: list[float], ours: list[float], our_mfus: list[float]) -> str:
     ratios = [o / p for o, p in zip(ours, peers)]
-    peer_mfus = [peer_mfu(m, o, p) for m, o, p in zip(our_mfus, ours, peers)]
+    their_mfus = peer_mfus(our_mfus, ours, peers)
     lines = [f"| round | {peer_label} {unit}/s | ours {unit}/s | ours / peer | peer MFU | our MFU |",
              "|---:|---:|---:|---:|---:|---:|"]
-    for i, (p, o, r, pm, m) in enumerate(zip(peers, ours, ratios, peer_mfus, our_mfus), 1):
+    for i, (p, o, r, pm, m) in enumerate(zip(peers, ours, ratios, their_mfus, our_mfus), 1):
         lines.append(f"| {i} | {p:,.0f} | {o:,.0f} | {r:.2f}× | {100 * pm:.0f}% | {100 * m:.0f}% |")
     lines.append(f"| median | {statistics.median(peers):,.0f} | {statistics.median(ours):,.0f} | "
-                 f"{statistics.median(ratios):.2f}× | {100 * statistics.median(peer_mfus):.0f}% | "
+                 f"{statistics.median(ratios):.2f}× | {100 * statistics.median(their_mfus):.0f}% | "
                  f"{100 * statistics.median(our_mfus):.0f}% |")
     return "\n".join(lines)
 
@@ -125,7 +130,7 @@ def main() -> None:
     ratio = statistics.median(o / p for o, p in zip(ours, peers))
     our_mfus = [r["mfu"] for r in our_results]
     mfu = statistics.median(our_mfus)
-    peers_mfu = statistics.median(peer_mfu(m, o, p) for m, o, p in zip(our_mfus, ours, peers))
+    peers_mfu = statistics.median(peer_mfus(our_mfus, ours, peers))
     peer, mine = peer_results[-1], our_results[-1]
     peer_label = f"{peer['peer']} {peer['version']}"
     print(f"\n{args.comparison}: {peer_label} (torch {peer['torch']}, {peer['threads']} threads, "

@@ -7,7 +7,6 @@ device, resume, the `train_lib.sample` CLI) compile a U-Net several times and ar
 import json
 import math
 import os
-import pathlib
 import re
 import subprocess
 import sys

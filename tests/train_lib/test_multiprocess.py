@@ -1,6 +1,5 @@
 """Several hosts for real: two processes on 127.0.0.1 with gloo CPU collectives, 2 fake devices each."""
 import os
-import pathlib
 import signal
 import subprocess
 import sys
