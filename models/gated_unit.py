@@ -102,7 +102,7 @@ def gated_output(cfg: GAUConfig, x: jax.Array, gated: jax.Array, *, deterministi
     Args: x `[batch, n, d]` the layer's input; gated `[batch, n, e]` = U ⊙ A V.
     """
     out = _projection(cfg, (x.shape[-1],), ("expand", "embed"), "out")(gated)
-    out = nn.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
+    out = layers.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     y = x + out.astype(x.dtype)
     if cfg.norm_position == "post":
         y = layers.NORMS[cfg.norm](dtype=cfg.compute_dtype, name="norm")(y).astype(x.dtype)

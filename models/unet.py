@@ -31,6 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models import layers as shared_layers
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 _CONV_NAMES = ("conv_h", "conv_w", "conv_in", "conv_out")
 _INPUT_CONV_NAMES = ("conv_h", "conv_w", "image_channels", "conv_out")
@@ -175,15 +177,46 @@ class ResBlock(nn.Module):
         h = layers.conv(self.features, name="conv1")(h)
         h = h + layers.dense(self.features, name="temb")(nn.silu(temb))[:, None, None, :]
         h = nn.silu(ConditionalGroupNorm(self.config, name="norm2")(h, cond))
-        h = nn.Dropout(self.config.dropout, deterministic=not train)(h)
+        h = shared_layers.Dropout(self.config.dropout, deterministic=not train)(h)
         h = layers.conv(self.features, zero=True, name="conv2")(h)
         if x.shape[-1] != self.features:
             x = layers.conv(self.features, kernel=1, name="shortcut")(x)
         return x + h
 
 
+class _QKVProjection(nn.Module):
+    """The attention's q, k, v projection `[B, L, C] -> 3 × [heads, B, L, C/heads]`.
+
+    Its parameters are a dense layer's (`kernel` `[C, 3C]`, output channels ordered (q|k|v, head, dim),
+    and `bias` `[3C]`), but it multiplies them as `[C, 3, heads, dim]` so that q, k and v come out
+    split along the leading axis. The backward pass then stacks their gradients along that axis, a
+    contiguous copy, instead of padding and adding slices of the channel axis and transposing the
+    result for the kernel's gradient, which on a 2-core CPU took about 4% of the `unet_peer` train step.
+    """
+
+    config: UNetConfig
+    heads: int
+
+    @nn.compact
+    def __call__(self, h):
+        cfg = self.config
+        channels = h.shape[-1]
+        dim = channels // self.heads
+        kernel = self.param("kernel", _init(nn.initializers.lecun_normal(), ("embed", "mlp")),
+                            (channels, 3 * channels), cfg.parameter_dtype)
+        bias = self.param("bias", _init(nn.initializers.zeros_init(), ("mlp",)), (3 * channels,),
+                          cfg.parameter_dtype)
+        kernel = kernel.astype(cfg.compute_dtype).reshape(channels, 3, self.heads, dim)
+        qkv = jnp.einsum("blc,cthd->thbld", h.astype(cfg.compute_dtype), kernel)
+        qkv = qkv + bias.astype(cfg.compute_dtype).reshape(3, self.heads, 1, 1, dim)
+        return qkv[0], qkv[1], qkv[2]
+
+
 class AttentionBlock(nn.Module):
-    """Multi-head self-attention over the H·W positions with a residual, zero-init output projection."""
+    """Multi-head self-attention over the H·W positions with a residual, zero-init output projection.
+
+    softmax(q kᵀ / √dim) v per head, the softmax in float32.
+    """
 
     config: UNetConfig
 
@@ -195,9 +228,11 @@ class AttentionBlock(nn.Module):
         h = nn.GroupNorm(num_groups=cfg.num_groups, dtype=cfg.compute_dtype, param_dtype=cfg.parameter_dtype,
                          scale_init=_init(nn.initializers.ones_init(), ("norm",)),
                          bias_init=_init(nn.initializers.zeros_init(), ("norm",)))(x)
-        qkv = layers.dense(3 * channels, name="qkv")(h).reshape(batch, height * width, 3, heads, channels // heads)
-        out = nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dtype=cfg.compute_dtype)
-        out = layers.dense(channels, zero=True, name="proj")(out.reshape(batch, height, width, channels))
+        q, k, v = _QKVProjection(cfg, heads, name="qkv")(h.reshape(batch, height * width, channels))
+        scores = jnp.einsum("hbqd,hbkd->hbqk", q, k) * (channels // heads) ** -0.5
+        weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+        out = jnp.einsum("hbqk,hbkd->bqhd", weights, v).reshape(batch, height, width, channels)
+        out = layers.dense(channels, zero=True, name="proj")(out)
         return x + out
 
 

@@ -67,6 +67,29 @@ def test_dropout_only_in_training(tiny):
     np.testing.assert_array_equal(apply_eval(perturbed, X, T, LABELS), apply_eval(perturbed, X, T, LABELS))
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_attention_block_matches_a_float64_reference(heads):
+    """x + proj(softmax(q kᵀ/√d) v) per head, q|k|v = GroupNorm(x) W_qkv + b (Ho et al. 2020, App. B)."""
+    config = unet.UNetConfig(**{**TINY, "num_heads": heads})
+    block = unet.AttentionBlock(config)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 16))
+    params = nn.meta.unbox(block.init(jax.random.PRNGKey(1), x))
+    flat, unravel = ravel_pytree(params)
+    params = unravel(flat + 0.3 * jax.random.normal(jax.random.PRNGKey(2), flat.shape))  # proj is zero at init
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params["params"])
+    xs = np.asarray(x, np.float64).reshape(3, 16, 8, 2)  # 8 groups of 2 channels
+    h = (xs - xs.mean(axis=(1, 3), keepdims=True)) / np.sqrt(xs.var(axis=(1, 3), keepdims=True) + 1e-6)
+    h = h.reshape(3, 16, 16) * p["GroupNorm_0"]["scale"] + p["GroupNorm_0"]["bias"]
+    qkv = (h @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(3, 16, 3, heads, 16 // heads)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [batch, head, position, dim]
+    scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(16 // heads)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    out = (weights @ v).transpose(0, 2, 1, 3).reshape(3, 16, 16)
+    expected = np.asarray(x, np.float64).reshape(3, 16, 16) + out @ p["proj"]["kernel"] + p["proj"]["bias"]
+    np.testing.assert_allclose(block.apply(params, x), expected.reshape(3, 4, 4, 16), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("resolutions,expected", [((4,), {"down1_0_attn", "up1_0_attn", "up1_1_attn"}),
                                                   ((8,), {"down0_0_attn", "up0_0_attn", "up0_1_attn"}),
                                                   ((), set())])
