@@ -79,3 +79,10 @@ def test_identity_when_deterministic_or_rate_zero_zeros_at_rate_one_and_bad_rate
     np.testing.assert_array_equal(_apply(1.0, x, key), np.zeros((4, 5)))
     with pytest.raises(ValueError, match=r"rate must be in \[0, 1\], got 1.5"):
         _apply(1.5, x, key)
+
+
+def test_scalars_work_and_arrays_too_large_for_32_bit_counters_are_refused():
+    kept = [bool(layers.dropout_keep_mask(jax.random.PRNGKey(i), (), 0.5)[0]) for i in range(40)]
+    assert 5 < sum(kept) < 35
+    with pytest.raises(ValueError, match=r"shape \(1, 4294967296\) has ≥ 2³² elements after its first axis"):
+        layers.dropout_keep_mask(jax.random.PRNGKey(0), (1, 2**32), 0.1)
