@@ -26,16 +26,20 @@ Variants (`get_config(arg)`: a variant, then presets after commas):
            attention_head_dim=64, dropout=0.1)`, trained the same way (ε-MSE, Adam, batch 64):
              python -m train_lib.benchmark --config=experiments/ddpm_digits.py:unet_peer
              python tests/peers/compare.py unet     # against diffusers (needs a PyTorch venv; see there)
-           Result (2-core CPU, 2026-11-21, medians of alternating rounds): 748 images/s (85.6 ms per step
-           of 64), MFU 48%, 1.18× diffusers' 644 images/s (3 rounds, idle machine); 750 vs 596 images/s,
-           1.15× (5 rounds, noisier day; diffusers at 37% MFU) (README "Performance").
+           Result (2-core CPU, 2026-11-21, medians of 10 alternating rounds, after the fused dropout masks
+           and the q/k/v split): 755 images/s (~80 ms per step of 64), MFU 47%, 1.15× diffusers' 687
+           images/s (diffusers at 41% MFU; its own throughput moved from 596 to 687 images/s between
+           runs, so single comparisons ranged 1.11–1.24×) (README "Performance").
 
 Presets: `v` / `x0` (what the network predicts), `elbo` (the variational-bound weighting instead of
 DDPM's "simple" one), `cosine` (the cosine schedule), `conditional` (class-conditional U-Net through
 conditional GroupNorm, labels from the data, 10% label dropout so it also samples unconditionally), e.g.
 `--config=experiments/ddpm_digits.py:digits,v,conditional`.
 
-Results (2-core CPU shared with other jobs; experiments/figures/ddpm_digits_table.md is the full output):
+Results (2-core CPU shared with other jobs; experiments/figures/ddpm_digits_table.md is the full output). The
+model was trained before dropout moved from nn.Dropout to models.layers.Dropout (the same Bernoulli masks,
+another hash): a rerun draws other masks. Its loss curve matches (600 steps: within 0.5% at every logged
+step), but these tables have not been recomputed.
 
   Training (the first command): 4,000 steps of batch 64 in 20 min 23 s wall, train loss 0.59 (step 100)
   → 0.075 (step 4,000), eval NLL bound at K=20 (σ²=β) 4.80 bits/dim with the EMA weights.

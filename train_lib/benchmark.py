@@ -14,6 +14,13 @@ sampler) is timed too. Prints a table, then one JSON line:
     peak_flops (a large matmul, measured in this run), mfu, peak_memory_bytes (XLA's buffer
     assignment for the step: arguments + outputs + temporaries − aliased), compile_s, ...
 
+A/B mode, for changes smaller than the machine's drift between runs: `--ab='KEY=VALUE;KEY=VALUE'` also
+compiles the step of the config with those overrides (B) and alternates timed steps of A and B in this
+process, so both see the same machine. The table and the JSON line gain `ab_step_ms` (B's median),
+`ab_ratio` (B's median / A's) and `ab_overrides`, e.g.
+
+    python -m train_lib.benchmark --config=experiments/ddpm_digits.py:unet_peer --steps=30 --ab='model.dropout=0.0'
+
 Nothing is written to disk. Numbers depend on what else the machine runs: benchmark on a quiet one.
 """
 from __future__ import annotations
@@ -24,6 +31,7 @@ import time
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -43,6 +51,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("sample_steps", 10, "Diffusion only: K of the timed sampler run (0: skip).")
     flags.DEFINE_integer("sample_batch", None, "Diffusion only: images per sampler step (default: the "
                          "config's batch_size).")
+    flags.DEFINE_string("ab", None, "Overrides 'KEY=VALUE;KEY=VALUE' (Python literals) of a second config B whose "
+                        "step is timed alternately with A's in this process (see the module docstring).")
     cli.define_distributed_flags()
 
 
@@ -54,20 +64,14 @@ def _memory_bytes(compiled) -> int | None:
         return None
 
 
-def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_steps: int = 10,
-                         sample_batch: int | None = None, name: str | None = None) -> dict:
-    """Measures the experiment's train step (and diffusion sampling step); returns the result dict."""
-    from train_lib import config_lib, flops, sharding, tasks, trainer  # after jax.distributed
+def _compiled_step(config):
+    """(task, plan, compiled train step, initial state, one global batch, compile seconds) for `config`."""
+    from train_lib import config_lib, sharding, tasks, trainer  # after jax.distributed
 
-    config_lib.validate_config(config)
     mesh_shape = config_lib.resolve_mesh_shape(config.mesh, jax.device_count())
     config_lib.validate_batch(config, mesh_shape, jax.process_count())
     task = tasks.get_task(config)
     plan = trainer.make_plan(config, task, mesh_shape)
-    dtype = config.model.get("dtype", "float32")
-    peak = flops.global_peak_flops(dtype)
-    flops_per_step = task.model_flops_per_step()
-
     rows = sharding.local_rows(next(iter(plan.batch_shardings.values())), config.batch_size)
     train_data, _, _ = task.datasets(rows)
     batch = sharding.make_global_batch(next(iter(train_data)), shardings=plan.batch_shardings,
@@ -77,26 +81,69 @@ def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_ste
         start = time.perf_counter()
         step_fn = plan.jit_train_step(task, config).lower(state, batch).compile()
         compile_s = time.perf_counter() - start
+    return task, plan, step_fn, state, batch, compile_s
+
+
+def _timed(ab: list) -> float:
+    """Runs one step of the A/B config `[step_fn, state, batch]` in place; returns its seconds."""
+    start = time.perf_counter()
+    ab[1], _ = ab[0](ab[1], ab[2])
+    jax.block_until_ready(ab[1])
+    return time.perf_counter() - start
+
+
+def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_steps: int = 10,
+                         sample_batch: int | None = None, name: str | None = None,
+                         ab_overrides: dict | None = None) -> dict:
+    """Measures the experiment's train step (and diffusion sampling step); returns the result dict.
+
+    With `ab_overrides` ({dotted key: value}), also times the step of the config with those overrides,
+    alternating with this one's (`ab_step_ms`, `ab_ratio` = B / A).
+    """
+    from train_lib import config_lib, flops  # after jax.distributed
+
+    config_lib.validate_config(config)
+    task, plan, step_fn, state, batch, compile_s = _compiled_step(config)
+    ab = None
+    if ab_overrides:
+        ab_config = ml_collections.ConfigDict(config.to_dict())
+        ab_config.lock()  # unknown keys raise, as on the command line
+        config_lib.apply_overrides(ab_config, ab_overrides)
+        config_lib.validate_config(ab_config)
+        ab = list(_compiled_step(ab_config)[2:5])  # [step_fn, state, batch]
+    dtype = config.model.get("dtype", "float32")
+    peak = flops.global_peak_flops(dtype)
+    flops_per_step = task.model_flops_per_step()
+    with jax.set_mesh(plan.mesh), nn.logical_axis_rules(plan.rules):
         for _ in range(warmup):
             state, metrics = step_fn(state, batch)
-        jax.block_until_ready(state)
-        times = []
-        for _ in range(steps):
+            if ab is not None:
+                ab[1], _ = ab[0](ab[1], ab[2])
+        jax.block_until_ready(state if ab is None else (state, ab[1]))
+        times, ab_times = [], []
+        for i in range(steps):
+            if ab is not None and i % 2 == 1:  # B first on odd steps: neither always runs right after the other
+                ab_times.append(_timed(ab))
             start = time.perf_counter()
             state, metrics = step_fn(state, batch)
             jax.block_until_ready(state)
             times.append(time.perf_counter() - start)
+            if ab is not None and i % 2 == 0:
+                ab_times.append(_timed(ab))
         loss = float(metrics["loss"])
     step_s = float(np.median(times))
     result = {
         "config": config_name() if name is None else name, "task": config.task, "platform": jax.devices()[0].platform,
-        "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(mesh_shape),
+        "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(plan.mesh.shape),
         "batch_size": config.batch_size, "params": plan.num_params, "step_ms": 1e3 * step_s,
         "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
         f"{task.throughput_unit}_per_sec": task.units_per_batch / step_s,
         "model_flops_per_step": flops_per_step, "peak_flops": peak, "mfu": flops.mfu(flops_per_step, step_s, peak),
         "peak_memory_bytes": _memory_bytes(step_fn), "compile_s": compile_s, "loss": loss,
     }
+    if ab is not None:
+        ab_ms = 1e3 * float(np.median(ab_times))
+        result.update({"ab_overrides": ab_overrides, "ab_step_ms": ab_ms, "ab_ratio": ab_ms / result["step_ms"]})
     if config.task in ("lm", "mlm"):
         result["seq_len"] = config.data.seq_len
     if config.task == "diffusion" and sample_steps > 0:
@@ -130,6 +177,25 @@ def _benchmark_sampling(task, params, size: int, num_steps: int, repeats: int, p
             "sample_mfu": flops.mfu(forward, step_s, peak)}
 
 
+def parse_overrides(text: str) -> dict:
+    """'model.dropout=0.0;batch_size=32' -> {'model.dropout': 0.0, 'batch_size': 32} (values as Python
+    literals; anything else, such as `flash`, as a string)."""
+    import ast
+
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            cli.fail(f"--ab: {item!r} is not KEY=VALUE (separate several with ';')")
+        try:
+            values[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            values[key.strip()] = value.strip()
+    if not values:
+        cli.fail("--ab: no KEY=VALUE given")
+    return values
+
+
 def config_name() -> str:
     return flags.FLAGS["config"].serialize().split("=", 1)[-1] if flags.FLAGS["config"].present else ""
 
@@ -153,6 +219,10 @@ def format_table(result: dict) -> str:
         ("MFU", f"{100 * result['mfu']:.1f}%"),
         ("peak memory (XLA)", "n/a" if memory is None else f"{memory / 2**20:,.1f} MiB"),
     ]
+    if "ab_step_ms" in result:
+        overrides = "; ".join(f"{k}={v!r}" for k, v in result["ab_overrides"].items())
+        rows += [("A/B", f"B ({overrides}): {result['ab_step_ms']:.1f} ms median, B/A = {result['ab_ratio']:.3f} "
+                         f"(steps alternated in this process)")]
     if "sample_step_ms" in result:
         rows += [("sampler step", f"{result['sample_step_ms']:.1f} ms for {result['sample_batch_size']} images "
                                   f"({result['sample_images_per_sec']:,.0f} images/s, "
@@ -171,10 +241,19 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     if f.steps < 1 or f.warmup < 0 or f.sample_steps < 0:
         cli.fail("--steps must be ≥ 1, --warmup and --sample_steps ≥ 0")
+    ab_overrides = parse_overrides(f.ab) if f.ab else None
+    if ab_overrides is not None:
+        probe = ml_collections.ConfigDict(config.to_dict())
+        probe.lock()
+        try:
+            from train_lib import config_lib
+            config_lib.apply_overrides(probe, ab_overrides)
+        except (KeyError, AttributeError, TypeError, ValueError) as e:
+            cli.fail(f"--ab: cannot apply {f.ab!r} to the config: {e}")
 
     def body():
         result = benchmark_train_step(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps,
-                                      sample_batch=f.sample_batch)
+                                      sample_batch=f.sample_batch, ab_overrides=ab_overrides)
         if jax.process_index() == 0:
             print(format_table(result))
             print(json.dumps(result), flush=True)

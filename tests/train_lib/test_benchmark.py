@@ -99,6 +99,21 @@ def test_benchmark_cli_reports_step_time_flops_and_mfu():
     assert out["peak_memory_bytes"] > 0 and "MFU" in result.stdout
 
 
+def test_benchmark_ab_mode_alternates_a_second_config_and_reports_the_ratio():
+    overrides = [a for a in cli_overrides() if not a.startswith("--config.total_steps")]
+    result = run_cli(["--config=experiments/gau_lm.py:tiny", "--steps=2", "--warmup=0", *overrides,
+                      "--ab=model.num_layers=1; model.attention='flash'"], devices=1, module="train_lib.benchmark")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = _last_json(result.stdout)
+    assert out["ab_overrides"] == {"model.num_layers": 1, "model.attention": "flash"}
+    assert out["ab_step_ms"] > 0 and out["ab_ratio"] == pytest.approx(out["ab_step_ms"] / out["step_ms"])
+    assert "A/B" in result.stdout and "B/A" in result.stdout
+    bad = run_cli(["--config=experiments/gau_lm.py:tiny", "--ab=model.num_layer=1"], devices=1,
+                  module="train_lib.benchmark")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --ab: cannot apply 'model.num_layer=1'")
+
+
 def test_benchmark_cli_times_the_diffusion_sampler_too(monkeypatch):
     monkeypatch.setenv("KEXUE_XLA_DEFAULTS", "1")  # XLA accepts the diffusion task's CPU flags
     result = run_cli(["--config=experiments/ddpm_digits.py:tiny", "--steps=1", "--warmup=0", "--sample_steps=2",
