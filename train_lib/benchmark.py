@@ -103,14 +103,9 @@ def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_ste
     from train_lib import config_lib, flops  # after jax.distributed
 
     config_lib.validate_config(config)
+    ab_config = with_overrides(config, ab_overrides) if ab_overrides else None  # bad overrides fail before compiling
     task, plan, step_fn, state, batch, compile_s = _compiled_step(config)
-    ab = None
-    if ab_overrides:
-        ab_config = ml_collections.ConfigDict(config.to_dict())
-        ab_config.lock()  # unknown keys raise, as on the command line
-        config_lib.apply_overrides(ab_config, ab_overrides)
-        config_lib.validate_config(ab_config)
-        ab = list(_compiled_step(ab_config)[2:5])  # [step_fn, state, batch]
+    ab = None if ab_config is None else list(_compiled_step(ab_config)[2:5])  # [step_fn, state, batch]
     dtype = config.model.get("dtype", "float32")
     peak = flops.global_peak_flops(dtype)
     flops_per_step = task.model_flops_per_step()
@@ -118,7 +113,7 @@ def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_ste
         for _ in range(warmup):
             state, metrics = step_fn(state, batch)
             if ab is not None:
-                ab[1], _ = ab[0](ab[1], ab[2])
+                _timed(ab)
         jax.block_until_ready(state if ab is None else (state, ab[1]))
         times, ab_times = [], []
         for i in range(steps):
@@ -177,6 +172,27 @@ def _benchmark_sampling(task, params, size: int, num_steps: int, repeats: int, p
             "sample_mfu": flops.mfu(forward, step_s, peak)}
 
 
+def with_overrides(config, overrides: dict):
+    """A copy of `config` with `overrides` ({dotted key: value}) applied as `--config.KEY=VALUE` would, validated.
+
+    Raises ConfigError naming `--ab` for an unknown key, a value of the wrong type or an invalid result.
+    """
+    from train_lib import config_lib
+
+    copy = ml_collections.ConfigDict(config.to_dict())
+    copy.lock()  # unknown keys raise, as on the command line
+    try:
+        config_lib.apply_overrides(copy, overrides)
+        config_lib.validate_config(copy)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise config_lib.ConfigError(f"--ab: cannot apply {describe_overrides(overrides)!r} to the config: {e}") from e
+    return copy
+
+
+def describe_overrides(overrides: dict) -> str:
+    return "; ".join(f"{k}={v!r}" for k, v in overrides.items())
+
+
 def parse_overrides(text: str) -> dict:
     """'model.dropout=0.0;batch_size=32' -> {'model.dropout': 0.0, 'batch_size': 32} (values as Python
     literals; anything else, such as `flash`, as a string)."""
@@ -220,8 +236,7 @@ def format_table(result: dict) -> str:
         ("peak memory (XLA)", "n/a" if memory is None else f"{memory / 2**20:,.1f} MiB"),
     ]
     if "ab_step_ms" in result:
-        overrides = "; ".join(f"{k}={v!r}" for k, v in result["ab_overrides"].items())
-        rows += [("A/B", f"B ({overrides}): {result['ab_step_ms']:.1f} ms median, B/A = {result['ab_ratio']:.3f} "
+        rows += [("A/B", f"B ({describe_overrides(result['ab_overrides'])}): {result['ab_step_ms']:.1f} ms median, B/A = {result['ab_ratio']:.3f} "
                          f"(steps alternated in this process)")]
     if "sample_step_ms" in result:
         rows += [("sampler step", f"{result['sample_step_ms']:.1f} ms for {result['sample_batch_size']} images "
@@ -242,14 +257,6 @@ def main(argv: list[str]) -> None:
     if f.steps < 1 or f.warmup < 0 or f.sample_steps < 0:
         cli.fail("--steps must be ≥ 1, --warmup and --sample_steps ≥ 0")
     ab_overrides = parse_overrides(f.ab) if f.ab else None
-    if ab_overrides is not None:
-        probe = ml_collections.ConfigDict(config.to_dict())
-        probe.lock()
-        try:
-            from train_lib import config_lib
-            config_lib.apply_overrides(probe, ab_overrides)
-        except (KeyError, AttributeError, TypeError, ValueError) as e:
-            cli.fail(f"--ab: cannot apply {f.ab!r} to the config: {e}")
 
     def body():
         result = benchmark_train_step(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps,
