@@ -36,14 +36,12 @@ DDPM's "simple" one), `cosine` (the cosine schedule), `conditional` (class-condi
 conditional GroupNorm, labels from the data, 10% label dropout so it also samples unconditionally), e.g.
 `--config=experiments/ddpm_digits.py:digits,v,conditional`.
 
-Results (2-core CPU shared with other jobs; experiments/figures/ddpm_digits_table.md is the full output). The
-model was trained before dropout moved from nn.Dropout to models.layers.Dropout (the same Bernoulli masks,
-another hash): a rerun draws other masks. Its loss curve matches (600 steps: within 0.5% at every logged
-step), but these tables have not been recomputed.
+Results (2-core CPU shared with other jobs, 2026-11-21, with models.layers.Dropout;
+experiments/figures/ddpm_digits_table.md is the full output).
 
-  Training (the first command): 4,000 steps of batch 64 in 20 min 23 s wall, train loss 0.59 (step 100)
+  Training (the first command): 4,000 steps of batch 64 in 10 min 28 s wall, train loss 0.585 (step 100)
   → 0.075 (step 4,000), eval NLL bound at K=20 (σ²=β) 4.80 bits/dim with the EMA weights.
-  The table (the third command; 69 min wall, most of it K=1000, which runs 1,000 U-Net steps per
+  The table (the third command; 19 min wall, most of it K=1000, which runs 1,000 U-Net steps per
   sampler and per NLL), EMA weights of step 4,000, Γ from 1,024 training images:
 
   NLL bound, bits/dim on the 360 test images (a uniform model is log₂ 17 = 4.09; — : undefined, DDIM's
@@ -51,9 +49,9 @@ step), but these tables have not been recomputed.
 
   | sampler | K=10 | K=25 | K=50 | K=100 | K=1000 |
   |---|---|---|---|---|---|
-  | DDPM σ²=β | 5.308 | 4.637 | 4.167 | 3.763 | 3.026 |
-  | DDPM σ²=β̃ | 216.529 | 58.692 | 21.798 | 9.704 | 3.233 |
-  | Analytic-DDPM | 4.598 | 4.047 | 3.703 | 3.420 | 2.955 |
+  | DDPM σ²=β | 5.309 | 4.638 | 4.167 | 3.762 | 3.025 |
+  | DDPM σ²=β̃ | 216.909 | 58.649 | 21.765 | 9.702 | 3.233 |
+  | Analytic-DDPM | 4.602 | 4.049 | 3.702 | 3.418 | 2.954 |
   | DDIM η=0 | — | — | — | — | — |
   | Analytic-DDIM η=0 | — | — | — | — | — |
 
@@ -61,22 +59,24 @@ step), but these tables have not been recomputed.
 
   | sampler | K=10 | K=25 | K=50 | K=100 | K=1000 |
   |---|---|---|---|---|---|
-  | DDPM σ²=β | 27.223 | 8.683 | 5.962 | 5.307 | 4.615 |
-  | DDPM σ²=β̃ | 7.832 | 4.441 | 5.570 | 4.938 | 4.613 |
-  | Analytic-DDPM | 10.282 | 5.075 | 5.566 | 5.011 | 4.617 |
-  | DDIM η=0 | 6.034 | 4.275 | 4.109 | 4.083 | 4.085 |
-  | Analytic-DDIM η=0 | 9.682 | 5.070 | 4.343 | 4.310 | 4.068 |
+  | DDPM σ²=β | 28.451 | 9.300 | 6.457 | 5.524 | 4.217 |
+  | DDPM σ²=β̃ | 8.742 | 4.764 | 5.977 | 5.249 | 4.214 |
+  | Analytic-DDPM | 11.410 | 5.525 | 5.917 | 5.319 | 4.217 |
+  | DDIM η=0 | 6.151 | 4.169 | 3.924 | 3.864 | 3.850 |
+  | Analytic-DDIM η=0 | 9.615 | 4.857 | 4.104 | 4.090 | 3.863 |
 
 Reading: Analytic-DPM's likelihood claim held — its NLL is below both fixed variances at every K,
-and the gain over the better of them (σ²=β) shrinks with K: 0.71, 0.59, 0.46, 0.34, 0.07 bits/dim
+and the gain over the better of them (σ²=β) shrinks with K: 0.71, 0.59, 0.47, 0.34, 0.07 bits/dim
 at K = 10, 25, 50, 100, 1000; σ²=β̃ is far worse at small K (its first steps are overconfident). The
 prior and reconstruction terms are below 0.001 bits/dim here (17 grey levels are coarse bins), so
-the bound is the diffusion term. At K ≤ 25 the bound is still above a uniform model's 4.09 bits:
-few-step bounds are loose on 64-pixel images. Sample quality is another matter: at K = 10 the
-analytic variance (between β̃ and β) gives worse FCD than β̃ and than DDIM (10.3 / 9.7 vs 7.8 / 6.0),
-the same direction as the paper's CIFAR-10 K=10 numbers (Analytic-DDIM 14.00 vs DDIM 13.36 FID);
-from K = 50 on the samplers are within ~1.5 FCD of each other, and DDIM η=0 is best or tied
-throughout. One model, one seed, 360 samples per cell: FCD differences below ~0.5 are noise.
+the bound is the diffusion term. At K = 10 every bound, and at K = 25 all but Analytic-DPM's (4.05), is
+above a uniform model's 4.09 bits: few-step bounds are loose on 64-pixel images. Sample quality is
+another matter: at K = 10 the analytic variance (between β̃ and β) gives worse FCD than β̃ and than
+DDIM (11.4 / 9.6 vs 8.7 / 6.2), the same direction as the paper's CIFAR-10 K=10 numbers (Analytic-DDIM 14.00 vs DDIM 13.36 FID);
+from K = 100 on the samplers are within ~1.7 FCD of each other (0.4 at K = 1000), and DDIM η=0 is best
+or tied throughout. One model, one seed, 360 samples per cell: FCD differences below ~0.5 are noise (the
+previous run, with nn.Dropout's masks, had the same NLLs to ±0.004 bits/dim for σ²=β and Analytic-DPM, and
+FCDs within 0.5 at K ≥ 50 and 1.2 at K = 10).
 
 Samples (16 per row; for each K, the five samplers in the order above; rows of DDIM repeat across K
 because its x_T and path are deterministic): experiments/figures/ddpm_digits_samples.png.
