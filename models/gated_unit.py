@@ -49,6 +49,7 @@ class GAUConfig:
     train_length: int = 512  # the length the model is trained at (used by length-aware normalisers)
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False
+    scan_layers: bool = False  # one nn.scan over the layers: params stacked under "layers" (models.gau)
     attention: str = "gau"  # layer type, a key of models.gau.ATTENTION_LAYERS: 'gau', 'flash', 'performer'
     chunk_size: int = 256  # FLASH's chunk (group) size C
     position: str = "rope"  # a key of models.positions.POSITIONS

@@ -27,7 +27,8 @@ import numpy as np
 from models import attention, flash, layers, pallas_attention, performer, positions as positions_lib
 from models.gated_unit import ATTENTION_IMPLS, GAUConfig, gated_output, gated_projections
 
-__all__ = ["ATTENTION_LAYERS", "GAUConfig", "GAULanguageModel", "GatedAttentionUnit", "attention_implementation"]
+__all__ = ["ATTENTION_LAYERS", "GAUConfig", "GAULanguageModel", "GatedAttentionUnit", "attention_implementation",
+           "scanned_layers", "stack_layer_params"]
 
 
 def attention_implementation(cfg: GAUConfig, *, decode: bool = False) -> str:
@@ -129,6 +130,44 @@ ATTENTION_LAYERS: dict[str, type[nn.Module]] = {
 }
 
 
+def scanned_layers(cfg: GAUConfig) -> type[nn.Module]:
+    """The `cfg.attention` layer applied `cfg.num_layers` times by one `nn.scan` (`model.scan_layers`).
+
+    XLA compiles the layer body once instead of once per layer (MaxText's `scan_layers`). Parameters,
+    the decode cache and sown intermediates get a leading layer axis under the module name "layers",
+    whose logical axis name is "layers" (replicated unless a rule maps it). The layer's output is the
+    scan's carry and every other argument is broadcast, so RealFormer's residual scores, which pass
+    from layer to layer, are not supported, nor is the Performer, whose fixed random features are drawn
+    per layer name (both raise ValueError). Unrolled parameters (`layer_0` … `layer_{N-1}`) convert
+    with `stack_layer_params`.
+    """
+    if cfg.residual_scores or cfg.attention == "performer":
+        raise ValueError(f"scan_layers needs residual_scores=False and attention 'gau' or 'flash', got "
+                         f"residual_scores={cfg.residual_scores}, attention={cfg.attention!r}")
+    layer_cls = ATTENTION_LAYERS[cfg.attention]
+
+    class Constrained(layer_cls):  # the unrolled loop's activation constraint, inside the scan body
+        def __call__(self, x, *args):
+            y, _ = super().__call__(x, *args)
+            return nn.with_logical_constraint(y, ("batch", "length", "act_embed")), None
+
+    Constrained.__name__ = layer_cls.__name__
+    body = nn.remat(Constrained, prevent_cse=False) if cfg.remat else Constrained  # no CSE to prevent in a scan
+    return nn.scan(body, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                   split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
+                   length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+
+
+def stack_layer_params(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
+    """Unrolled parameters (`layer_0` … `layer_{N-1}`) → the `model.scan_layers` layout (`layers`, stacked)."""
+    names = [f"layer_{i}" for i in range(num_layers)]
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ValueError(f"stack_layer_params: {missing} not in params (keys: {sorted(params)})")
+    rest = {k: v for k, v in params.items() if k not in names}
+    return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *(params[name] for name in names))}
+
+
 class GAULanguageModel(nn.Module):
     """Token embedding (+ positions) → N gated attention layers → final norm → output layer.
 
@@ -166,13 +205,17 @@ class GAULanguageModel(nn.Module):
         if cfg.norm_position == "post":
             x = layers.NORMS[cfg.norm](dtype=dtype, name="embed_norm")(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
-        layer_cls = ATTENTION_LAYERS[cfg.attention]
-        layer_cls = nn.remat(layer_cls) if cfg.remat else layer_cls
-        scores = None
-        for i in range(cfg.num_layers):
-            x, scores = layer_cls(cfg, deterministic=not train, decode=decode, name=f"layer_{i}")(
-                x, rope, positions, padding_mask, cache_index, scores)
-            x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        if cfg.scan_layers:
+            x = scanned_layers(cfg)(cfg, deterministic=not train, decode=decode, name="layers")(
+                x, rope, positions, padding_mask, cache_index, None)[0]
+        else:
+            layer_cls = ATTENTION_LAYERS[cfg.attention]
+            layer_cls = nn.remat(layer_cls) if cfg.remat else layer_cls
+            scores = None
+            for i in range(cfg.num_layers):
+                x, scores = layer_cls(cfg, deterministic=not train, decode=decode, name=f"layer_{i}")(
+                    x, rope, positions, padding_mask, cache_index, scores)
+                x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if cfg.norm_position == "pre":
             x = layers.NORMS[cfg.norm](dtype=dtype, name="final_norm")(x)
         logits = layers.Projection((cfg.vocab_size,), ("embed", "vocab"), name="logits", dtype=dtype,

@@ -100,9 +100,14 @@ def capture_attention(model: nn.Module, params: Any, tokens: jax.Array) -> dict[
     for name, values in state.get("intermediates", {}).items():
         if "attention_weights" not in values:
             continue
-        weights = np.asarray(values["attention_weights"][0][0], np.float32)
-        maps[name] = block_diagonal(weights) if weights.ndim == 3 else weights
-        maps[name] = maps[name][:tokens.shape[1], :tokens.shape[1]]
+        weights = np.asarray(values["attention_weights"][0], np.float32)
+        if name == "layers":  # model.scan_layers: one array with a leading layer axis
+            per_layer = {f"layer_{i}": w[0] for i, w in enumerate(weights)}
+        else:
+            per_layer = {name: weights[0]}
+        for layer, w in per_layer.items():
+            w = block_diagonal(w) if w.ndim == 3 else w
+            maps[layer] = w[:tokens.shape[1], :tokens.shape[1]]
     return dict(sorted(maps.items(), key=lambda item: int(item[0].rsplit("_", 1)[-1])))
 
 

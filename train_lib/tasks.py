@@ -66,6 +66,12 @@ def model_config(config) -> GAUConfig:
     if cfg.residual_scores and cfg.attention != "gau":
         raise ConfigError(f"config: 'model.residual_scores' (RealFormer) needs model.attention='gau', got "
                           f"{cfg.attention!r}; FLASH and Performer have no full score matrix to pass on")
+    if cfg.scan_layers and (cfg.residual_scores or cfg.attention == "performer"):
+        raise ConfigError("config: 'model.scan_layers' needs model.residual_scores=False and model.attention "
+                          f"'gau' or 'flash', got residual_scores={cfg.residual_scores}, attention="
+                          f"{cfg.attention!r}: the scanned layers share one body whose only carry is the "
+                          "activations (no scores pass between layers) and one name (the Performer draws its "
+                          "fixed random features per layer name)")
     if cfg.position == "rope" and cfg.key_dim % 2:
         raise ConfigError(f"config: 'model.key_dim' must be even for rotary positions, got {cfg.key_dim}")
     longest = MAX_LENGTH[cfg.position](cfg.max_positions)

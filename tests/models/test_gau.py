@@ -260,3 +260,54 @@ def test_relu2_needs_unit_qk_scale_to_get_gradients():
 
     stuck, unit = gamma_grad_norm(normalizer="relu2"), gamma_grad_norm(normalizer="relu2", qk_scale_init="ones")
     assert unit > 1e3 * stuck and gamma_grad_norm(normalizer="softmax") > 1e2 * stuck
+
+
+@pytest.mark.parametrize("attention", ["gau", "flash"])
+def test_scanned_layers_equal_the_unrolled_stack(attention):
+    """`scan_layers` with the unrolled model's parameters stacked gives the same logits and gradients,
+    decodes the same tokens through the (stacked) KV cache, and captures the same attention maps."""
+    import dataclasses
+    from models.gau import stack_layer_params
+    from train_lib.evaluate import capture_attention
+    from train_lib.generate import generate_tokens
+    model, params = tiny_model(attention=attention, chunk_size=4)
+    scanned = GAULanguageModel(dataclasses.replace(model.config, scan_layers=True))
+    stacked = stack_layer_params(params, 2)
+    shapes = nn.unbox(jax.eval_shape(scanned.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
+    assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda x: x.shape, stacked)
+    tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 256)
+    np.testing.assert_allclose(np.asarray(scanned.apply({"params": stacked}, tokens)),
+                               np.asarray(model.apply({"params": params}, tokens)), rtol=1e-5, atol=1e-5)
+
+    def loss(m):
+        return lambda p: jnp.mean(m.apply({"params": p}, tokens) ** 2)
+    grad_scanned = jax.grad(loss(scanned))(stacked)
+    grad_unrolled = stack_layer_params(jax.grad(loss(model))(params), 2)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6),
+                 grad_scanned, grad_unrolled)
+
+    prompt = tokens[:1, :3]
+    ours = generate_tokens(scanned, stacked, prompt, jax.random.PRNGKey(0), max_new_tokens=4, temperature=0.0, top_k=0)
+    theirs = generate_tokens(model, params, prompt, jax.random.PRNGKey(0), max_new_tokens=4, temperature=0.0, top_k=0)
+    np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
+    np.testing.assert_allclose(np.asarray(ours[1]), np.asarray(theirs[1]), rtol=1e-5, atol=1e-5)
+
+    maps, reference = capture_attention(scanned, stacked, tokens[:1]), capture_attention(model, params, tokens[:1])
+    assert list(maps) == list(reference)
+    for name in reference:
+        np.testing.assert_allclose(maps[name], reference[name], rtol=1e-5, atol=1e-6)
+
+
+def test_scanned_layer_parameters_get_a_leading_layers_axis():
+    cfg = GAUConfig(num_layers=3, embed_dim=64, key_dim=32, scan_layers=True)
+    params = jax.eval_shape(GAULanguageModel(cfg).init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    assert "layer_0" not in params
+    assert params["layers"]["uv"]["kernel"].names == ("layers", "embed", None, "expand")
+    assert params["layers"]["uv"]["kernel"].value.shape == (3, 64, 2, 128)
+    from models.gau import stack_layer_params
+    with pytest.raises(ValueError, match=r"\['layer_2'\] not in params"):
+        stack_layer_params({"layer_0": {}, "layer_1": {}}, 3)
+    for bad in (dict(residual_scores=True), dict(attention="performer")):
+        model = GAULanguageModel(GAUConfig(num_layers=2, embed_dim=32, key_dim=16, scan_layers=True, **bad))
+        with pytest.raises(ValueError, match="scan_layers needs residual_scores=False"):
+            jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4), jnp.int32))

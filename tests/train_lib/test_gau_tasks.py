@@ -47,6 +47,26 @@ def test_mlm_config_errors_name_the_key():
         tasks.get_task(make_config(model__attention="flash", model__residual_scores=True))
     with pytest.raises(tasks.ConfigError, match="max_positions"):
         tasks.get_task(make_config(model__position="learned", model__max_positions=16))
+    for bad in (dict(model__residual_scores=True), dict(model__attention="performer")):
+        with pytest.raises(tasks.ConfigError, match="model.scan_layers"):
+            tasks.get_task(make_config(model__scan_layers=True, **bad))
+
+
+def test_scanned_layers_train_sharded_over_fsdp_and_model(tmp_path):
+    """`model.scan_layers` through the trainer on a (data 2, fsdp 2, model 2) mesh: the stacked layer axis
+    stays whole, the other axes follow the usual rules, and the loss goes down."""
+    config = make_config(total_steps=10, eval_every_steps=10, mesh__data=2, mesh__fsdp=2, mesh__model=2,
+                         optimizer__learning_rate=3e-3, model__scan_layers=True)
+    trainer.train_and_evaluate(config, str(tmp_path))
+    losses = _losses(tmp_path)
+    assert len(losses) == 10 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
+    plan = trainer.make_plan(config, tasks.get_task(config), {"data": 2, "fsdp": 2, "model": 2})
+    kernel = plan.abstract_state.params["layers"]["uv"]["kernel"]  # [layers, embed, 2, expand]
+    assert kernel.shape[0] == config.model.num_layers and "layer_0" not in plan.abstract_state.params
+    assert tuple(plan.state_shardings.params["layers"]["uv"]["kernel"].spec) == (None, "fsdp", None, "model")
+    moments = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(plan.state_shardings.opt_state)
+               if "['layers']['uv']['kernel']" in jax.tree_util.keystr(path)]
+    assert len(moments) == 2 and all(tuple(m.spec) == (None, "fsdp", None, "model") for m in moments)  # Adam μ, ν
 
 
 def test_length_evaluation_at_training_length_equals_trainer_evaluation():
