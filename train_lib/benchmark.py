@@ -21,6 +21,11 @@ process, so both see the same machine. The table and the JSON line gain `ab_step
 
     python -m train_lib.benchmark --config=experiments/ddpm_digits.py:unet_peer --steps=30 --ab='model.dropout=0.0'
 
+`--compile_only` compiles the step without initialising or running anything and reports the compile
+time (trace + lower + compile) and XLA's peak memory per device; with `--ab`, B's too:
+
+    python -m train_lib.benchmark --config=experiments/gau_lm.py:base --compile_only --ab='model.scan_layers=True'
+
 Nothing is written to disk. Numbers depend on what else the machine runs: benchmark on a quiet one.
 """
 from __future__ import annotations
@@ -51,6 +56,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("sample_steps", 10, "Diffusion only: K of the timed sampler run (0: skip).")
     flags.DEFINE_integer("sample_batch", None, "Diffusion only: images per sampler step (default: the "
                          "config's batch_size).")
+    flags.DEFINE_bool("compile_only", False, "Only compile the train step (no state is initialised, nothing "
+                      "runs): compile seconds and XLA's peak memory, e.g. for a model too large for this machine.")
     flags.DEFINE_string("ab", None, "Overrides 'KEY=VALUE;KEY=VALUE' (Python literals) of a second config B whose "
                         "step is timed alternately with A's in this process (see the module docstring).")
     cli.define_distributed_flags()
@@ -64,20 +71,32 @@ def _memory_bytes(compiled) -> int | None:
         return None
 
 
-def _compiled_step(config):
-    """(task, plan, compiled train step, initial state, one global batch, compile seconds) for `config`."""
+def _compiled_step(config, *, abstract: bool = False):
+    """(task, plan, compiled train step, initial state, one global batch, compile seconds) for `config`.
+
+    `abstract`: state and batch are shape/sharding stand-ins (nothing is initialised or read), for
+    compiling a step too large to run here. Compile seconds include tracing and lowering.
+    """
     from train_lib import config_lib, sharding, tasks, trainer  # after jax.distributed
 
     mesh_shape = config_lib.resolve_mesh_shape(config.mesh, jax.device_count())
     config_lib.validate_batch(config, mesh_shape, jax.process_count())
     task = tasks.get_task(config)
     plan = trainer.make_plan(config, task, mesh_shape)
-    rows = sharding.local_rows(next(iter(plan.batch_shardings.values())), config.batch_size)
-    train_data, _, _ = task.datasets(rows)
-    batch = sharding.make_global_batch(next(iter(train_data)), shardings=plan.batch_shardings,
-                                       global_batch=config.batch_size)
+    if abstract:
+        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=plan.batch_shardings[k])
+                 for k, v in plan.spec_batch.items()}
+    else:
+        rows = sharding.local_rows(next(iter(plan.batch_shardings.values())), config.batch_size)
+        train_data, _, _ = task.datasets(rows)
+        batch = sharding.make_global_batch(next(iter(train_data)), shardings=plan.batch_shardings,
+                                           global_batch=config.batch_size)
     with jax.set_mesh(plan.mesh), nn.logical_axis_rules(plan.rules):
-        state = jax.jit(plan.init_fn, out_shardings=plan.state_shardings)(plan.rng, plan.spec_batch)
+        if abstract:
+            state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                 plan.abstract_state, plan.state_shardings)
+        else:
+            state = jax.jit(plan.init_fn, out_shardings=plan.state_shardings)(plan.rng, plan.spec_batch)
         start = time.perf_counter()
         step_fn = plan.jit_train_step(task, config).lower(state, batch).compile()
         compile_s = time.perf_counter() - start
@@ -144,6 +163,29 @@ def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_ste
     if config.task == "diffusion" and sample_steps > 0:
         result.update(_benchmark_sampling(task, state.params, sample_batch or config.batch_size, sample_steps, steps,
                                           peak))
+    return result
+
+
+def compile_train_step(config, *, name: str | None = None, ab_overrides: dict | None = None) -> dict:
+    """Compiles the experiment's train step without running it (`--compile_only`): compile seconds, XLA's
+    peak memory per device and the counted FLOPs. Nothing is initialised, so any size compiles on a CPU.
+    With `ab_overrides`, the config with those overrides is compiled after it (`ab_compile_s`, ...)."""
+    from train_lib import config_lib  # after jax.distributed
+
+    config_lib.validate_config(config)
+    ab_config = with_overrides(config, ab_overrides) if ab_overrides else None
+    task, plan, step_fn, _, _, compile_s = _compiled_step(config, abstract=True)
+    result = {
+        "config": config_name() if name is None else name, "task": config.task, "platform": jax.devices()[0].platform,
+        "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(plan.mesh.shape),
+        "batch_size": config.batch_size, "params": plan.num_params,
+        "model_flops_per_step": task.model_flops_per_step(), "peak_memory_bytes": _memory_bytes(step_fn),
+        "compile_s": compile_s,
+    }
+    if ab_config is not None:
+        _, _, ab_step, _, _, ab_compile_s = _compiled_step(ab_config, abstract=True)
+        result.update({"ab_overrides": ab_overrides, "ab_compile_s": ab_compile_s,
+                       "ab_peak_memory_bytes": _memory_bytes(ab_step)})
     return result
 
 
@@ -236,12 +278,37 @@ def format_table(result: dict) -> str:
         ("peak memory (XLA)", "n/a" if memory is None else f"{memory / 2**20:,.1f} MiB"),
     ]
     if "ab_step_ms" in result:
-        rows += [("A/B", f"B ({describe_overrides(result['ab_overrides'])}): {result['ab_step_ms']:.1f} ms median, B/A = {result['ab_ratio']:.3f} "
+        rows += [("A/B", f"B ({describe_overrides(result['ab_overrides'])}): {result['ab_step_ms']:.1f} ms median, "
+                         f"B/A = {result['ab_ratio']:.3f} "
                          f"(steps alternated in this process)")]
     if "sample_step_ms" in result:
         rows += [("sampler step", f"{result['sample_step_ms']:.1f} ms for {result['sample_batch_size']} images "
                                   f"({result['sample_images_per_sec']:,.0f} images/s, "
                                   f"MFU {100 * result['sample_mfu']:.1f}%)")]
+    return _aligned(rows)
+
+
+def format_compile_table(result: dict) -> str:
+    from train_lib import flops
+
+    def memory(key):
+        return "n/a" if result.get(key) is None else f"{result[key] / 2**20:,.1f} MiB"
+    rows = [
+        ("config", result["config"]),
+        ("devices", f"{result['devices']} {result['platform']} (mesh "
+                    f"{', '.join(f'{k}={v}' for k, v in result['mesh'].items())}), {result['processes']} process(es)"),
+        ("parameters", f"{result['params']:,}"),
+        ("model FLOPs / step", flops.describe(result["model_flops_per_step"])),
+        ("compile (not run)", f"{result['compile_s']:.1f} s (trace + lower + compile)"),
+        ("peak memory (XLA)", memory("peak_memory_bytes")),
+    ]
+    if "ab_compile_s" in result:
+        rows += [("B compile", f"{describe_overrides(result['ab_overrides'])}: {result['ab_compile_s']:.1f} s, "
+                               f"peak memory {memory('ab_peak_memory_bytes')}")]
+    return _aligned(rows)
+
+
+def _aligned(rows) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -259,10 +326,15 @@ def main(argv: list[str]) -> None:
     ab_overrides = parse_overrides(f.ab) if f.ab else None
 
     def body():
-        result = benchmark_train_step(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps,
-                                      sample_batch=f.sample_batch, ab_overrides=ab_overrides)
+        if f.compile_only:
+            result = compile_train_step(config, ab_overrides=ab_overrides)
+            table = format_compile_table(result)
+        else:
+            result = benchmark_train_step(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps,
+                                          sample_batch=f.sample_batch, ab_overrides=ab_overrides)
+            table = format_table(result)
         if jax.process_index() == 0:
-            print(format_table(result))
+            print(table)
             print(json.dumps(result), flush=True)
 
     cli.run_guarded(body)

@@ -114,6 +114,21 @@ def test_benchmark_ab_mode_alternates_a_second_config_and_reports_the_ratio():
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --ab: cannot apply 'model.num_layer=1'")
 
 
+def test_compile_only_reports_compile_time_and_memory_and_scan_with_remat_saves_memory():
+    """`--compile_only` compiles A and B from shapes alone. B = scanned, rematerialised layers: each layer's
+    activations are recomputed inside the backward scan, so the step needs less memory than the unrolled stack
+    that keeps them all."""
+    from train_lib import benchmark
+    config = make_config(model__num_layers=4, batch_size=32, data__seq_len=128)
+    result = benchmark.compile_train_step(config, name="tiny", ab_overrides={"model.scan_layers": True,
+                                                                             "model.remat": True})
+    assert result["compile_s"] > 0 and result["ab_compile_s"] > 0 and "step_ms" not in result
+    assert result["model_flops_per_step"] == pytest.approx(tasks.get_task(config).model_flops_per_step())
+    assert 0 < result["ab_peak_memory_bytes"] < 0.7 * result["peak_memory_bytes"]
+    table = benchmark.format_compile_table(result)
+    assert "compile (not run)" in table and "model.scan_layers=True" in table
+
+
 def test_benchmark_cli_times_the_diffusion_sampler_too(monkeypatch):
     monkeypatch.setenv("KEXUE_XLA_DEFAULTS", "1")  # XLA accepts the diffusion task's CPU flags
     result = run_cli(["--config=experiments/ddpm_digits.py:tiny", "--steps=1", "--warmup=0", "--sample_steps=2",
