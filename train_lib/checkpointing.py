@@ -7,7 +7,9 @@ any topology — another device count, another process count — restores it.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a save interrupted by a
 kill never looks like a checkpoint. A checkpoint that is damaged anyway (truncated or missing files) is
-moved to `<workdir>/damaged_checkpoints/` with a warning, and the previous one is used.
+moved to `<workdir>/damaged_checkpoints/` with a warning, and the previous one is used. One that loads
+its index but holds other arrays than the run asks for (another model, optimizer or layer layout) is
+left where it is: `CheckpointMismatchError` names the differences.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+
+from train_lib.config_lib import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,35 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint, or a checkpoint could not be written."""
 
 
+class CheckpointMismatchError(ConfigError):
+    """The checkpoints were written by another model or optimizer than the config describes."""
+
+
+def _key_path(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    return {_key_path(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+            if hasattr(leaf, "shape")}
+
+
+def describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], *, limit: int = 3) -> str | None:
+    """What differs between two {array path: shape} maps, in one line; None if they agree."""
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} arrays the config needs are not in it (e.g. {', '.join(missing[:limit])})")
+    if extra:
+        parts.append(f"{len(extra)} arrays in it are not in the config's model (e.g. {', '.join(extra[:limit])})")
+    if reshaped:
+        parts.append(f"{len(reshaped)} have another shape (e.g. " + ", ".join(
+            f"{k}: {saved[k]} saved, {wanted[k]} wanted" for k in reshaped[:limit]) + ")")
+    return "; ".join(parts) or None
+
+
 class Checkpointer:
     """A `CheckpointManager` over `directory` that saves and restores state plus data position."""
 
@@ -86,7 +119,8 @@ class Checkpointer:
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -121,10 +155,21 @@ class Checkpointer:
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
+            mismatch = None
             try:
                 with _without_closed_loop_tracebacks():
-                    state = self.restore(step, abstract_state, data_iterator)
+                    try:
+                        state = self.restore(step, abstract_state, data_iterator)
+                    except Exception:
+                        mismatch = self._mismatch(step, abstract_state)  # read while fd 2 is still filtered
+                        raise
             except Exception as e:  # truncated or missing files surface as many exception types
+                if mismatch:
+                    raise CheckpointMismatchError(
+                        f"checkpoint {self.directory / str(step)} does not fit the config: {mismatch}. It was "
+                        "written by another model or optimizer (e.g. another model.num_layers or "
+                        "model.scan_layers); resume with the config the run was started with, or use another "
+                        "--workdir. Nothing was moved or changed.") from None
                 log.warning("checkpoint %s is damaged (%s: %s); moving it to damaged_checkpoints/ and trying "
                             "the previous one", self.directory / str(step), type(e).__name__,
                             " ".join(str(e).split())[:300])
@@ -137,6 +182,14 @@ class Checkpointer:
                                   f"{self.directory.parent / 'damaged_checkpoints'}); set "
                                   "--config.start_fresh_if_checkpoints_unusable=True to train from scratch instead")
         return None
+
+    def _mismatch(self, step: int, abstract_state: Any) -> str | None:
+        """How checkpoint `step`'s arrays differ from `abstract_state`'s; None if they agree or its index is unreadable."""
+        try:
+            saved = _shapes(self.manager.item_metadata(step)["state"])
+        except Exception:  # no readable index: damaged, not another model
+            return None
+        return describe_mismatch(saved, _shapes(abstract_state)) if saved else None
 
     def _move_aside(self, step: int) -> None:
         if jax.process_index() == 0:

@@ -184,8 +184,6 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
     mesh_shape = config_lib.resolve_mesh_shape(config.mesh, jax.device_count())
     config_lib.validate_batch(config, mesh_shape, jax.process_count())
     task = tasks.get_task(config)
-    if is_main:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
 
     # ----------------------------------------------------------------------------------------------
     # Mesh, logical-axis rules, shapes and shardings (`jax.eval_shape`: nothing is allocated yet).
@@ -216,6 +214,9 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
                                 plan.abstract_state, state_shardings)
         try:
             state = checkpointer.restore_newest_usable(abstract, train_iter)
+        except checkpointing.CheckpointMismatchError:  # another run's checkpoints: never trained over
+            checkpointer.close()
+            raise
         except checkpointing.CheckpointError:
             if not config.get("start_fresh_if_checkpoints_unusable", False):
                 checkpointer.close()  # stops Orbax's background threads before the process exits
@@ -223,6 +224,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
             log.warning("no usable checkpoint; starting from scratch as start_fresh_if_checkpoints_unusable asks")
             state = None
         resumed = state is not None
+        if is_main:  # after the restore: a run refused for another config leaves the workdir's config.json alone
+            (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
         if state is None:
             state = jax.jit(init_fn, out_shardings=state_shardings)(rng, plan.spec_batch)
         start_step = int(state.step)

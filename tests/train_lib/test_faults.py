@@ -117,6 +117,25 @@ def test_no_usable_checkpoint_stops_unless_config_allows_fresh_start(tmp_path):
     np.testing.assert_array_less(0, len(_losses(workdir)))
 
 
+def test_resuming_with_another_models_config_is_refused_and_changes_nothing(tmp_path):
+    """Checkpoints of another layer layout are not "damaged": the run stops with one line naming the
+    difference, the checkpoints stay where they are, and the workdir still describes its own run."""
+    workdir = tmp_path / "run"
+    assert _train(workdir, 6, checkpoint_every_steps=3).returncode == 0
+    config_json = (workdir / "config.json").read_text()
+    for override in ({"model.scan_layers": True}, {"model.embed_dim": 48}):
+        refused = _train(workdir, 9, checkpoint_every_steps=3, **override)
+        assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+        message = refused.stderr.strip().splitlines()[-1]
+        assert message.startswith(f"error: checkpoint {workdir / 'checkpoints' / '6'} does not fit the config")
+        assert ("not in the config's model (e.g. ema_params/layer_0/" in message if "model.scan_layers" in override
+                else "have another shape (e.g. ema_params/embed/embedding: (256, 32) saved, (256, 48) wanted" in message)
+        assert _steps(workdir) == [3, 6] and not (workdir / "damaged_checkpoints").exists()
+        assert (workdir / "config.json").read_text() == config_json
+    resumed = _train(workdir, 9, checkpoint_every_steps=3)
+    assert resumed.returncode == 0 and "resuming at step 6" in resumed.stderr
+
+
 def test_checkpoint_restores_onto_other_topologies_and_training_continues(tmp_path):
     """Saved on a 2×2×2 mesh of 8 devices; continued on a (4, 1, 2) mesh and on 1 device."""
     mesh = dict(mesh__data=2, mesh__fsdp=2, mesh__model=2)
