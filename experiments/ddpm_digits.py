@@ -72,11 +72,11 @@ prior and reconstruction terms are below 0.001 bits/dim here (17 grey levels are
 the bound is the diffusion term. At K = 10 every bound, and at K = 25 all but Analytic-DPM's (4.05), is
 above a uniform model's 4.09 bits: few-step bounds are loose on 64-pixel images. Sample quality is
 another matter: at K = 10 the analytic variance (between β̃ and β) gives worse FCD than β̃ and than
-DDIM (11.4 / 9.6 vs 8.7 / 6.2), the same direction as the paper's CIFAR-10 K=10 numbers (Analytic-DDIM 14.00 vs DDIM 13.36 FID);
-from K = 100 on the samplers are within ~1.7 FCD of each other (0.4 at K = 1000), and DDIM η=0 is best
-or tied throughout. One model, one seed, 360 samples per cell: FCD differences below ~0.5 are noise (the
+DDIM (11.4 / 9.6 vs 8.7 / 6.2), the same direction as the paper's CIFAR-10 K=10 numbers (Analytic-DDIM
+14.00 vs DDIM 13.36 FID); from K = 100 on the samplers are within ~1.7 FCD of each other (0.4 at
+K = 1000), and DDIM η=0 is best or tied throughout. One model, one seed, 360 samples per cell: FCD differences below ~1 are noise (the
 previous run, with nn.Dropout's masks, had the same NLLs to ±0.004 bits/dim for σ²=β and Analytic-DPM, and
-FCDs within 0.5 at K ≥ 50 and 1.2 at K = 10).
+FCDs within 0.5 at K ≥ 50, 0.62 at K = 25 and 1.23 at K = 10).
 
 Samples (16 per row; for each K, the five samplers in the order above; rows of DDIM repeat across K
 because its x_T and path are deterministic): experiments/figures/ddpm_digits_samples.png.

@@ -17,6 +17,8 @@ Shapes: tokens `[batch, length]`, activations `[batch, length, d]`, logits `[bat
 """
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any
 
 import flax.linen as nn
@@ -130,6 +132,7 @@ ATTENTION_LAYERS: dict[str, type[nn.Module]] = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def scanned_layers(cfg: GAUConfig) -> type[nn.Module]:
     """The `cfg.attention` layer applied `cfg.num_layers` times by one `nn.scan` (`model.scan_layers`).
 
@@ -151,7 +154,7 @@ def scanned_layers(cfg: GAUConfig) -> type[nn.Module]:
             y, _ = super().__call__(x, *args)
             return nn.with_logical_constraint(y, ("batch", "length", "act_embed")), None
 
-    Constrained.__name__ = layer_cls.__name__
+    Constrained.__name__ = Constrained.__qualname__ = layer_cls.__name__
     body = nn.remat(Constrained, prevent_cse=False) if cfg.remat else Constrained  # no CSE to prevent in a scan
     return nn.scan(body, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
                    split_rngs={"params": True, "dropout": True}, in_axes=nn.broadcast,
@@ -159,11 +162,18 @@ def scanned_layers(cfg: GAUConfig) -> type[nn.Module]:
 
 
 def stack_layer_params(params: dict[str, Any], num_layers: int) -> dict[str, Any]:
-    """Unrolled parameters (`layer_0` … `layer_{N-1}`) → the `model.scan_layers` layout (`layers`, stacked)."""
+    """Unrolled parameters (`layer_0` … `layer_{N-1}`) → the `model.scan_layers` layout (`layers`, stacked).
+
+    Any tree with the model's parameter structure works (parameters, EMA parameters, Adam's μ or ν).
+    Boxed (`nn.Partitioned`) leaves are unboxed first; the result carries no logical names.
+    """
+    params = nn.unbox(params)
     names = [f"layer_{i}" for i in range(num_layers)]
     missing = [name for name in names if name not in params]
-    if missing:
-        raise ValueError(f"stack_layer_params: {missing} not in params (keys: {sorted(params)})")
+    extra = sorted(k for k in params if re.fullmatch(r"layer_\d+", k) and k not in names)
+    if missing or extra or "layers" in params:
+        raise ValueError(f"stack_layer_params: expected layer_0 … layer_{num_layers - 1} for num_layers={num_layers} "
+                         f"and no 'layers'; missing {missing}, extra {extra} (keys: {sorted(params)})")
     rest = {k: v for k, v in params.items() if k not in names}
     return {**rest, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *(params[name] for name in names))}
 

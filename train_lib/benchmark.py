@@ -57,7 +57,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("sample_batch", None, "Diffusion only: images per sampler step (default: the "
                          "config's batch_size).")
     flags.DEFINE_bool("compile_only", False, "Only compile the train step (no state is initialised, nothing "
-                      "runs): compile seconds and XLA's peak memory, e.g. for a model too large for this machine.")
+                      "runs): compile seconds and XLA's peak memory, e.g. for a model too large for this machine; "
+                      "--steps, --warmup and --sample_steps do not apply.")
     flags.DEFINE_string("ab", None, "Overrides 'KEY=VALUE;KEY=VALUE' (Python literals) of a second config B whose "
                         "step is timed alternately with A's in this process (see the module docstring).")
     cli.define_distributed_flags()

@@ -154,6 +154,7 @@ class Checkpointer:
         Returns None if there are no checkpoints; raises CheckpointError if there are some but none loads.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
+        moved = []
         for step in steps:
             mismatch = None
             try:
@@ -165,15 +166,12 @@ class Checkpointer:
                         raise
             except Exception as e:  # truncated or missing files surface as many exception types
                 if mismatch:
-                    raise CheckpointMismatchError(
-                        f"checkpoint {self.directory / str(step)} does not fit the config: {mismatch}. It was "
-                        "written by another model or optimizer (e.g. another model.num_layers or "
-                        "model.scan_layers); resume with the config the run was started with, or use another "
-                        "--workdir. Nothing was moved or changed.") from None
+                    raise CheckpointMismatchError(self._mismatch_message(step, *mismatch, moved)) from None
                 log.warning("checkpoint %s is damaged (%s: %s); moving it to damaged_checkpoints/ and trying "
                             "the previous one", self.directory / str(step), type(e).__name__,
                             " ".join(str(e).split())[:300])
                 self._move_aside(step)
+                moved.append(step)
                 continue
             log.info("restored checkpoint %s", self.directory / str(step))
             return state
@@ -183,13 +181,36 @@ class Checkpointer:
                                   "--config.start_fresh_if_checkpoints_unusable=True to train from scratch instead")
         return None
 
-    def _mismatch(self, step: int, abstract_state: Any) -> str | None:
-        """How checkpoint `step`'s arrays differ from `abstract_state`'s; None if they agree or its index is unreadable."""
+    def _mismatch(self, step: int, abstract_state: Any) -> tuple[str, set[str]] | None:
+        """(how checkpoint `step`'s arrays differ from `abstract_state`'s, the top-level fields that differ);
+        None if they agree or the checkpoint's index is unreadable (then it is damaged, not another model's)."""
         try:
             saved = _shapes(self.manager.item_metadata(step)["state"])
-        except Exception:  # no readable index: damaged, not another model
+        except Exception:
             return None
-        return describe_mismatch(saved, _shapes(abstract_state)) if saved else None
+        wanted = _shapes(abstract_state)
+        description = describe_mismatch(saved, wanted) if saved else None
+        if description is None:
+            return None
+        differing = (set(saved) ^ set(wanted)) | {k for k in set(saved) & set(wanted) if saved[k] != wanted[k]}
+        return description, {k.split("/", 1)[0] for k in differing}
+
+    def _mismatch_message(self, step: int, description: str, fields: set[str], moved: list[int]) -> str:
+        if "params" in fields:
+            cause = "another model (model.*: e.g. num_layers, embed_dim, scan_layers)"
+        elif fields == {"ema_params"}:
+            cause = "another ema_decay (0 keeps no EMA copy)"
+        elif "opt_state" in fields:
+            cause = "other optimizer settings (optimizer.*, grad_clip_norm)"
+        else:
+            cause = f"another config (differing: {', '.join(sorted(fields))})"
+        config_json = self.directory.parent / "config.json"
+        started = f" ({config_json})" if config_json.exists() else ""
+        left = (f"it and the older ones were left in place (newer, damaged ones {moved} were moved to "
+                "damaged_checkpoints/)" if moved else "nothing was moved or changed")
+        return (f"checkpoint {self.directory / str(step)} does not fit the config: {description}. It was written "
+                f"with {cause}; resume with the config the run was started with{started}, or use another "
+                f"--workdir; {left}.")
 
     def _move_aside(self, step: int) -> None:
         if jax.process_index() == 0:

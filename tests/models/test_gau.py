@@ -262,16 +262,17 @@ def test_relu2_needs_unit_qk_scale_to_get_gradients():
     assert unit > 1e3 * stuck and gamma_grad_norm(normalizer="softmax") > 1e2 * stuck
 
 
-@pytest.mark.parametrize("attention", ["gau", "flash"])
-def test_scanned_layers_equal_the_unrolled_stack(attention):
-    """`scan_layers` with the unrolled model's parameters stacked gives the same logits and gradients,
-    decodes the same tokens through the (stacked) KV cache, and captures the same attention maps."""
+@pytest.mark.parametrize("attention, remat", [("gau", False), ("flash", False), ("gau", True)])
+def test_scanned_layers_equal_the_unrolled_stack(attention, remat):
+    """`scan_layers` (with or without remat inside the scan) with the unrolled model's parameters stacked gives
+    the same logits and gradients, decodes the same tokens through the (stacked) KV cache, and captures the same
+    attention maps."""
     import dataclasses
     from models.gau import stack_layer_params
     from train_lib.evaluate import capture_attention
     from train_lib.generate import generate_tokens
     model, params = tiny_model(attention=attention, chunk_size=4)
-    scanned = GAULanguageModel(dataclasses.replace(model.config, scan_layers=True))
+    scanned = GAULanguageModel(dataclasses.replace(model.config, scan_layers=True, remat=remat))
     stacked = stack_layer_params(params, 2)
     shapes = nn.unbox(jax.eval_shape(scanned.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"])
     assert jax.tree.map(lambda s: s.shape, shapes) == jax.tree.map(lambda x: x.shape, stacked)
@@ -305,8 +306,10 @@ def test_scanned_layer_parameters_get_a_leading_layers_axis():
     assert params["layers"]["uv"]["kernel"].names == ("layers", "embed", None, "expand")
     assert params["layers"]["uv"]["kernel"].value.shape == (3, 64, 2, 128)
     from models.gau import stack_layer_params
-    with pytest.raises(ValueError, match=r"\['layer_2'\] not in params"):
+    with pytest.raises(ValueError, match=r"missing \['layer_2'\], extra \[\]"):
         stack_layer_params({"layer_0": {}, "layer_1": {}}, 3)
+    with pytest.raises(ValueError, match=r"missing \[\], extra \['layer_2'\]"):
+        stack_layer_params({"layer_0": {}, "layer_1": {}, "layer_2": {}}, 2)
     for bad in (dict(residual_scores=True), dict(attention="performer")):
         model = GAULanguageModel(GAUConfig(num_layers=2, embed_dim=32, key_dim=16, scan_layers=True, **bad))
         with pytest.raises(ValueError, match="scan_layers needs residual_scores=False"):

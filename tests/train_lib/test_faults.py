@@ -123,13 +123,19 @@ def test_resuming_with_another_models_config_is_refused_and_changes_nothing(tmp_
     workdir = tmp_path / "run"
     assert _train(workdir, 6, checkpoint_every_steps=3).returncode == 0
     config_json = (workdir / "config.json").read_text()
-    for override in ({"model.scan_layers": True}, {"model.embed_dim": 48}):
+    cases = [  # (override, expected in the message): start_fresh_if_checkpoints_unusable must not train over them
+        ({"model.scan_layers": True}, "not in the config's model (e.g. ema_params/layer_0/"),
+        ({"model.embed_dim": 48, "start_fresh_if_checkpoints_unusable": True},
+         "have another shape (e.g. ema_params/embed/embedding: (256, 32) saved, (256, 48) wanted"),
+        ({"ema_decay": 0.0}, "written with another ema_decay"),
+    ]
+    for override, expected in cases:
         refused = _train(workdir, 9, checkpoint_every_steps=3, **override)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
         message = refused.stderr.strip().splitlines()[-1]
         assert message.startswith(f"error: checkpoint {workdir / 'checkpoints' / '6'} does not fit the config")
-        assert ("not in the config's model (e.g. ema_params/layer_0/" in message if "model.scan_layers" in override
-                else "have another shape (e.g. ema_params/embed/embedding: (256, 32) saved, (256, 48) wanted" in message)
+        assert expected in message and message.endswith("nothing was moved or changed."), message
+        assert str(workdir / "config.json") in message
         assert _steps(workdir) == [3, 6] and not (workdir / "damaged_checkpoints").exists()
         assert (workdir / "config.json").read_text() == config_json
     resumed = _train(workdir, 9, checkpoint_every_steps=3)
