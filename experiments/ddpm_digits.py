@@ -26,10 +26,10 @@ Variants (`get_config(arg)`: a variant, then presets after commas):
            attention_head_dim=64, dropout=0.1)`, trained the same way (ε-MSE, Adam, batch 64):
              python -m train_lib.benchmark --config=experiments/ddpm_digits.py:unet_peer
              python tests/peers/compare.py unet     # against diffusers (needs a PyTorch venv; see there)
-           Result (2-core CPU, 2026-11-21, medians of 10 alternating rounds, after the fused dropout masks
-           and the q/k/v split): 755 images/s (~80 ms per step of 64), MFU 47%, 1.15× diffusers' 687
-           images/s (diffusers at 41% MFU; its own throughput moved from 596 to 687 images/s between
-           runs, so single comparisons ranged 1.11–1.24×) (README "Performance").
+           Result (2-core CPU, 2026-11-21, medians of 10 alternating rounds on a quiet machine): 816
+           images/s (~78 ms per step of 64), MFU 48%, 1.15× diffusers' 700 images/s (diffusers at 41% MFU;
+           its own throughput moved from 580 to 721 images/s between rounds, so single rounds ranged
+           0.95–1.44×; earlier runs gave 1.11–1.24×) (README "Performance").
 
 Presets: `v` / `x0` (what the network predicts), `elbo` (the variational-bound weighting instead of
 DDPM's "simple" one), `cosine` (the cosine schedule), `conditional` (class-conditional U-Net through

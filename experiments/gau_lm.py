@@ -17,9 +17,9 @@ Variants:
          expansion 2, s=128, chunk (group) 128, vocabulary 256, batch 8 × length 512, float32:
            python -m train_lib.benchmark --config=experiments/gau_lm.py:flash_peer
            python tests/peers/compare.py flash     # against FLASH-pytorch (needs a PyTorch venv; see there)
-         Result (2-core CPU, 2026-11-21, medians of alternating rounds): 5,571 tokens/s, MFU 54%, 0.83×
-         FLASH-pytorch's 6,616 (3 rounds, idle machine); 5,016 vs 6,278 tokens/s, 0.81× (5 rounds, noisier
-         day), the peer at 64% MFU, so the 1.5× target would need 96% (README "Performance").
+         Result (2-core CPU, 2026-11-21, medians of 5 alternating rounds on a quiet machine): 5,764 tokens/s,
+         MFU 56%, 0.84× FLASH-pytorch's 6,994 (per round 0.82–0.84×); the peer runs at 66% MFU, so the 1.5×
+         target would need 100% (README "Performance").
 
 Presets, added after a variant with commas (`--config=experiments/gau_lm.py:small,flash`):
   flash         FLASH layers (mixed chunk attention, arXiv 2202.10447): pre-norm ScaleNorm, local relu²(·/C)
