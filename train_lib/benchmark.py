@@ -94,14 +94,20 @@ def _compiled_step(config, *, abstract: bool = False):
                                            global_batch=config.batch_size)
     with jax.set_mesh(plan.mesh), nn.logical_axis_rules(plan.rules):
         if abstract:
-            state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                 plan.abstract_state, plan.state_shardings)
+            state = plan.sharded_abstract_state()
         else:
             state = jax.jit(plan.init_fn, out_shardings=plan.state_shardings)(plan.rng, plan.spec_batch)
         start = time.perf_counter()
         step_fn = plan.jit_train_step(task, config).lower(state, batch).compile()
         compile_s = time.perf_counter() - start
     return task, plan, step_fn, state, batch, compile_s
+
+
+def _header(config, plan, name: str | None) -> dict:
+    """What ran where: the first keys of both result dicts."""
+    return {"config": config_name() if name is None else name, "task": config.task,
+            "platform": jax.devices()[0].platform, "devices": jax.device_count(), "processes": jax.process_count(),
+            "mesh": dict(plan.mesh.shape), "batch_size": config.batch_size, "params": plan.num_params}
 
 
 def _timed(ab: list) -> float:
@@ -148,9 +154,7 @@ def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_ste
         loss = float(metrics["loss"])
     step_s = float(np.median(times))
     result = {
-        "config": config_name() if name is None else name, "task": config.task, "platform": jax.devices()[0].platform,
-        "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(plan.mesh.shape),
-        "batch_size": config.batch_size, "params": plan.num_params, "step_ms": 1e3 * step_s,
+        **_header(config, plan, name), "step_ms": 1e3 * step_s,
         "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
         f"{task.throughput_unit}_per_sec": task.units_per_batch / step_s,
         "model_flops_per_step": flops_per_step, "peak_flops": peak, "mfu": flops.mfu(flops_per_step, step_s, peak),
@@ -177,9 +181,7 @@ def compile_train_step(config, *, name: str | None = None, ab_overrides: dict | 
     ab_config = with_overrides(config, ab_overrides) if ab_overrides else None
     task, plan, step_fn, _, _, compile_s = _compiled_step(config, abstract=True)
     result = {
-        "config": config_name() if name is None else name, "task": config.task, "platform": jax.devices()[0].platform,
-        "devices": jax.device_count(), "processes": jax.process_count(), "mesh": dict(plan.mesh.shape),
-        "batch_size": config.batch_size, "params": plan.num_params,
+        **_header(config, plan, name),
         "model_flops_per_step": task.model_flops_per_step(), "peak_memory_bytes": _memory_bytes(step_fn),
         "compile_s": compile_s,
     }
@@ -263,20 +265,15 @@ def format_table(result: dict) -> str:
     from train_lib import flops
 
     unit = next(k for k in result if k.endswith("_per_sec") and not k.startswith("sample"))
-    memory = result["peak_memory_bytes"]
     rows = [
-        ("config", result["config"]),
-        ("devices", f"{result['devices']} {result['platform']} (mesh "
-                    f"{', '.join(f'{k}={v}' for k, v in result['mesh'].items())}), "
-                    f"{result['processes']} process(es)"),
-        ("parameters", f"{result['params']:,}"),
+        *_header_rows(result),
         ("train step", f"{result['step_ms']:.1f} ms median (min {result['step_ms_min']:.1f}, "
                        f"max {result['step_ms_max']:.1f}); compiled in {result['compile_s']:.1f} s"),
         (unit.replace("_", " "), f"{result[unit]:,.0f}"),
         ("model FLOPs / step", flops.describe(result["model_flops_per_step"])),
         ("matmul peak", flops.describe(result["peak_flops"], "FLOP/s")),
         ("MFU", f"{100 * result['mfu']:.1f}%"),
-        ("peak memory (XLA)", "n/a" if memory is None else f"{memory / 2**20:,.1f} MiB"),
+        ("peak memory (XLA)", _mebibytes(result["peak_memory_bytes"])),
     ]
     if "ab_step_ms" in result:
         rows += [("A/B", f"B ({describe_overrides(result['ab_overrides'])}): {result['ab_step_ms']:.1f} ms median, "
@@ -292,21 +289,27 @@ def format_table(result: dict) -> str:
 def format_compile_table(result: dict) -> str:
     from train_lib import flops
 
-    def memory(key):
-        return "n/a" if result.get(key) is None else f"{result[key] / 2**20:,.1f} MiB"
     rows = [
-        ("config", result["config"]),
-        ("devices", f"{result['devices']} {result['platform']} (mesh "
-                    f"{', '.join(f'{k}={v}' for k, v in result['mesh'].items())}), {result['processes']} process(es)"),
-        ("parameters", f"{result['params']:,}"),
+        *_header_rows(result),
         ("model FLOPs / step", flops.describe(result["model_flops_per_step"])),
         ("compile (not run)", f"{result['compile_s']:.1f} s (trace + lower + compile)"),
-        ("peak memory (XLA)", memory("peak_memory_bytes")),
+        ("peak memory (XLA)", _mebibytes(result["peak_memory_bytes"])),
     ]
     if "ab_compile_s" in result:
         rows += [("B compile", f"{describe_overrides(result['ab_overrides'])}: {result['ab_compile_s']:.1f} s, "
-                               f"peak memory {memory('ab_peak_memory_bytes')}")]
+                               f"peak memory {_mebibytes(result['ab_peak_memory_bytes'])}")]
     return _aligned(rows)
+
+
+def _header_rows(result: dict) -> list[tuple[str, str]]:
+    mesh = ", ".join(f"{k}={v}" for k, v in result["mesh"].items())
+    return [("config", result["config"]),
+            ("devices", f"{result['devices']} {result['platform']} (mesh {mesh}), {result['processes']} process(es)"),
+            ("parameters", f"{result['params']:,}")]
+
+
+def _mebibytes(size: int | None) -> str:
+    return "n/a" if size is None else f"{size / 2**20:,.1f} MiB"
 
 
 def _aligned(rows) -> str:

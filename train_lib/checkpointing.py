@@ -96,11 +96,15 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
             if hasattr(leaf, "shape")}
 
 
+def _differences(saved: dict[str, tuple], wanted: dict[str, tuple]) -> tuple[list[str], list[str], list[str]]:
+    """(paths only `wanted` has, paths only `saved` has, paths whose shapes differ), each sorted."""
+    return (sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted)),
+            sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k]))
+
+
 def describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], *, limit: int = 3) -> str | None:
     """What differs between two {array path: shape} maps, in one line; None if they agree."""
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
-    reshaped = sorted(k for k in set(saved) & set(wanted) if saved[k] != wanted[k])
+    missing, extra, reshaped = _differences(saved, wanted)
     parts = []
     if missing:
         parts.append(f"{len(missing)} arrays the config needs are not in it (e.g. {', '.join(missing[:limit])})")
@@ -192,8 +196,7 @@ class Checkpointer:
         description = describe_mismatch(saved, wanted) if saved else None
         if description is None:
             return None
-        differing = (set(saved) ^ set(wanted)) | {k for k in set(saved) & set(wanted) if saved[k] != wanted[k]}
-        return description, {k.split("/", 1)[0] for k in differing}
+        return description, {path.split("/", 1)[0] for paths in _differences(saved, wanted) for path in paths}
 
     def _mismatch_message(self, step: int, description: str, fields: set[str], moved: list[int]) -> str:
         if "params" in fields:

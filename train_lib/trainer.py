@@ -132,6 +132,11 @@ class Plan:
     state_shardings: Any
     num_params: int
 
+    def sharded_abstract_state(self) -> TrainState:
+        """The state as ShapeDtypeStructs carrying their shardings (what a restore or a compile needs)."""
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            self.abstract_state, self.state_shardings)
+
     def jit_train_step(self, task, config):
         """The jitted train step with explicit shardings; the state is donated (updated in place)."""
         return jax.jit(functools.partial(train_step, task=task, optimizer=self.optimizer, config=config,
@@ -210,10 +215,8 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
         # Initialise (sharded from the start) or restore the newest checkpoint.
         # ------------------------------------------------------------------------------------------
         checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
-        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                plan.abstract_state, state_shardings)
         try:
-            state = checkpointer.restore_newest_usable(abstract, train_iter)
+            state = checkpointer.restore_newest_usable(plan.sharded_abstract_state(), train_iter)
         except checkpointing.CheckpointMismatchError:  # another run's checkpoints: never trained over
             checkpointer.close()
             raise
