@@ -14,7 +14,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -10,23 +10,30 @@ setup(
     packages=find_packages(include=["models", "models.*", "losses", "losses.*", "train_lib", "train_lib.*",
                                     "experiments", "experiments.*"]),
     python_requires=">=3.11",
+    # The base install is what `losses/` and `models/` need: another project can `pip install kexue-jax` for
+    # the losses and modules without the training stack.
     install_requires=[
         "jax>=0.10,<0.11",
         "flax>=0.12,<0.13",
         "optax>=0.2.8,<0.3",
-        "orbax-checkpoint>=0.12,<0.13",
-        "ml_collections>=1.1,<2",
         "chex>=0.1.92,<0.2",
-        "grain>=0.2.18,<0.3",
         "numpy>=2.0,<3",
-        "tensorboardX>=2.6,<3",
-        "tqdm>=4.66,<5",
-        "absl-py>=2.1,<3",
-        "scikit-learn>=1.5,<2",
-        "scipy>=1.13,<2",
-        "matplotlib>=3.9,<4",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "hypothesis>=6.100,<7"],
+        # The training stack (train_lib/, experiments/): checkpoints, configs, input pipelines, logs, plots.
+        "train": [
+            "orbax-checkpoint>=0.12,<0.13",
+            "ml_collections>=1.1,<2",
+            "grain>=0.2.18,<0.3",
+            "absl-py>=2.1,<3",
+            "tqdm>=4.66,<5",
+            "tensorboardX>=2.6,<3",
+            "scikit-learn>=1.5,<2",
+            "scipy>=1.13,<2",
+            "matplotlib>=3.9,<4",
+            "pillow>=10",
+        ],
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "hypothesis>=6.100,<7", "portpicker>=1.6,<2",
+                 "wheel>=0.43"],
     },
 )

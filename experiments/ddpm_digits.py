@@ -7,8 +7,8 @@ with the largest gains at small K, and how do the five samplers compare in sampl
 Run:
 
   python -m train_lib.main --config=experiments/ddpm_digits.py --workdir=runs/ddpm_digits
-  python -m train_lib.sample --workdir=runs/ddpm_digits --sampler=ddim --steps=50 --num=64
-  python -m train_lib.sample --workdir=runs/ddpm_digits --table
+  python -m train_lib.diffusion.sample --workdir=runs/ddpm_digits --sampler=ddim --steps=50 --num=64
+  python -m train_lib.diffusion.sample --workdir=runs/ddpm_digits --table
 
 Variants (`get_config(arg)`: a variant, then presets after commas):
   digits   (default) the U-Net below, trained on 2 CPU cores in under 30 minutes.
@@ -33,7 +33,10 @@ Variants (`get_config(arg)`: a variant, then presets after commas):
 
 Presets: `v` / `x0` (what the network predicts), `elbo` (the variational-bound weighting instead of
 DDPM's "simple" one), `cosine` (the cosine schedule), `conditional` (class-conditional U-Net through
-conditional GroupNorm, labels from the data, 10% label dropout so it also samples unconditionally), e.g.
+conditional GroupNorm, labels from the data, 10% label dropout so it also samples unconditionally),
+`official_sampling` (the official Analytic-DPM code's sampling conventions as the `sample` defaults: DDIM
+keeps the network's ε̂ when x̂₀ is clipped, and the last noisy step's σ² is capped at 1 grey level), and
+the optimizers of experiments/common.py (`adamw`, the default, `adafactor`, `sgd`, `lion`), e.g.
 `--config=experiments/ddpm_digits.py:digits,v,conditional`.
 
 Results (2-core CPU shared with other jobs, 2026-11-21, with models.layers.Dropout;
@@ -83,6 +86,8 @@ because its x_T and path are deterministic): experiments/figures/ddpm_digits_sam
 """
 import ml_collections
 
+from experiments import common
+
 # Logical axis → mesh axis. Batch over data and fsdp; FSDP shards every conv kernel's input channels and
 # every dense kernel's input; 'model' splits conv output channels and dense outputs (tensor parallel).
 # The image's own 1 or 3 channels, norms and the class table stay replicated.
@@ -113,66 +118,53 @@ _VARIANTS = {
 _VARIANTS["unet_peer"] = _VARIANTS["digits"]
 
 
-def _v(config):
+def _v(config, variant):
     config.diffusion.prediction = "v"
 
 
-def _x0(config):
+def _x0(config, variant):
     config.diffusion.prediction = "x0"
 
 
-def _elbo(config):
+def _elbo(config, variant):
     config.diffusion.weighting = "elbo"
 
 
-def _cosine(config):
+def _cosine(config, variant):
     config.diffusion.schedule = "cosine"
 
 
-def _conditional(config):
+def _conditional(config, variant):
     config.model.num_classes = 10
     config.diffusion.label_dropout = 0.1
 
 
-_PRESETS = {"v": _v, "x0": _x0, "elbo": _elbo, "cosine": _cosine, "conditional": _conditional}
+def _official_sampling(config, variant):
+    config.sample.eps_from_clipped_x0 = False
+    config.sample.second_last_sigma_pixels = 1.0
 
 
-def get_config(arg: str = "digits") -> ml_collections.ConfigDict:
-    """Config for `arg` = a variant ('digits', 'cifar10', 'tiny'), then presets: 'digits,v,conditional'."""
-    variant, *presets = [part.strip() for part in (arg or "digits").split(",")]
-    if variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of experiments/ddpm_digits.py; expected one of "
-                         f"{sorted(_VARIANTS)} (then optional presets after commas: {sorted(_PRESETS)})")
-    for preset in presets:
-        if preset not in _PRESETS:
-            raise ValueError(f"unknown preset {preset!r} of experiments/ddpm_digits.py; expected some of "
-                             f"{sorted(_PRESETS)}")
+_PRESETS = {"v": _v, "x0": _x0, "elbo": _elbo, "cosine": _cosine, "conditional": _conditional,
+            "official_sampling": _official_sampling}
+
+
+def get_config(arg: str | None = "digits") -> ml_collections.ConfigDict:
+    """Config for `arg` = a variant ('digits', 'cifar10', 'tiny', 'unet_peer'), then presets: 'digits,v,conditional'."""
+    variant, presets = common.parse_arg(arg, default="digits", variants=_VARIANTS, presets=_PRESETS, file=__file__)
     config = _base_config("digits" if variant == "unet_peer" else variant)
-    for preset in presets:
-        _PRESETS[preset](config)
-    return config
+    return common.apply_presets(config, variant, presets, _PRESETS)
 
 
 def _base_config(variant: str) -> ml_collections.ConfigDict:
     channels, mults, blocks, attn, groups, dropout, batch, steps, lr, warmup, ema, timesteps = _VARIANTS[variant]
     cifar = variant == "cifar10"
-    config = ml_collections.ConfigDict()
-    config.task = "diffusion"
-    config.seed = 0
-    config.total_steps = steps
-    config.batch_size = batch  # global, over all devices and processes
-    config.grad_accum_steps = 1  # on CPU keep 1: XLA:CPU runs a scanned conv step ~20× slower
-    config.log_every_steps = {"tiny": 1, "digits": 100}.get(variant, 1000)
-    config.eval_every_steps = {"tiny": 1000, "digits": 1000}.get(variant, 50_000)
-    config.eval_batches = 5 if not cifar else 40  # digits: 5 × 64 = 320 of the 360 test images
-    config.checkpoint_every_steps = {"tiny": 10, "digits": 1000}.get(variant, 10_000)
-    config.keep_checkpoints = 3
-    config.ema_decay = ema  # warm-up aware: min(decay, (1 + t)/(10 + t))
-    config.skip_nonfinite_steps = False
-    config.start_fresh_if_checkpoints_unusable = False
-
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-    config.logical_axis_rules = LOGICAL_AXIS_RULES
+    config = common.trainer_config(
+        task="diffusion", total_steps=steps, batch_size=batch, logical_axis_rules=LOGICAL_AXIS_RULES,
+        grad_accum_steps=1,  # on CPU keep 1: XLA:CPU runs a scanned conv step ~20× slower
+        log_every_steps={"tiny": 1, "digits": 100}.get(variant, 1000),
+        eval_every_steps={"tiny": 1000, "digits": 1000}.get(variant, 50_000),
+        eval_batches=5 if not cifar else 40,  # digits: 5 × 64 = 320 of the 360 test images
+        checkpoint_every_steps={"tiny": 10, "digits": 1000}.get(variant, 10_000), ema_decay=ema)
 
     config.data = ml_collections.ConfigDict()
     config.data.dataset = "cifar10" if cifar else "digits"  # digits: bundled with scikit-learn
@@ -180,7 +172,6 @@ def _base_config(variant: str) -> ml_collections.ConfigDict:
     config.data.random_flip = cifar  # horizontal flips (DDPM on CIFAR-10); digits are not mirror-symmetric
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "unet"
     config.model.base_channels = channels
     config.model.channel_mults = mults
     config.model.num_res_blocks = blocks
@@ -201,7 +192,7 @@ def _base_config(variant: str) -> ml_collections.ConfigDict:
     config.diffusion.eval_nll_steps = 20 if variant != "tiny" else 4  # K of the NLL bound at each eval (0: off)
     config.diffusion.eval_nll_method = "ddpm_beta"  # 'ddpm_beta' or 'ddpm_beta_tilde'
 
-    # Defaults of `python -m train_lib.sample` and what the end-of-training report draws.
+    # Defaults of `python -m train_lib.diffusion.sample` and what the end-of-training report draws.
     config.sample = ml_collections.ConfigDict()
     config.sample.sampler = "ddim"
     config.sample.steps = 50 if variant != "tiny" else 5
@@ -210,18 +201,13 @@ def _base_config(variant: str) -> ml_collections.ConfigDict:
     config.sample.clip_x0 = True
     config.sample.report_samples = 10  # drawn at the end of training (as text for digits; 0: none)
     config.sample.gamma_images = 1024 if not cifar else 10_000  # training images for Analytic-DPM's Γ
+    # Conventions on which implementations differ (models.diffusion.samplers.sample; preset
+    # `official_sampling`): recompute ε̂ from the clipped x̂₀, and no cap on the last noisy step's σ².
+    config.sample.eps_from_clipped_x0 = True
+    config.sample.second_last_sigma_pixels = 0.0
 
-    config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.name = "adamw"  # with weight_decay 0: Adam, as in DDPM
-    config.optimizer.learning_rate = lr
-    config.optimizer.warmup_steps = warmup
-    config.optimizer.end_lr_factor = 0.1 if not cifar else 1.0  # the paper keeps 2e-4 constant
-    config.optimizer.b1 = 0.9
-    config.optimizer.b2 = 0.999
-    config.optimizer.eps = 1e-8
-    config.optimizer.weight_decay = 0.0
-    config.optimizer.grad_clip_norm = 1.0
-
-    config.debug = ml_collections.ConfigDict()
-    config.debug.nan_at_step = -1  # fault injection for tests: the loss at this step becomes NaN
+    # With weight_decay 0, AdamW is DDPM's Adam; the paper keeps CIFAR-10's 2e-4 constant.
+    config.optimizer = common.optimizer_config("adamw", learning_rate=lr, warmup_steps=warmup,
+                                               end_lr_factor=0.1 if not cifar else 1.0, weight_decay=0.0,
+                                               grad_clip_norm=1.0, b1=0.9, b2=0.999, eps=1e-8)
     return config

@@ -79,8 +79,9 @@ def experiment_config(config, model: str, length: int) -> ml_collections.ConfigD
 
 def run(config: ml_collections.ConfigDict) -> tuple[str, list[dict]]:
     """Benchmarks every model at every length; returns (markdown table, results)."""
-    from train_lib import benchmark
+    from train_lib import benchmark, config_lib
 
+    config_lib.check_study(config, choices={"models": MODELS}, positive=("lengths", "tokens_per_batch", "steps"))
     start = time.time()
     results = []
     for model in config.models:

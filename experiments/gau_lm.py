@@ -32,6 +32,7 @@ Presets, added after a variant with commas (`--config=experiments/gau_lm.py:smal
   mlm           the masked-LM task on a bidirectional encoder, leaving the architecture as it is.
   performer     FAVOR+ linear attention (https://kexue.fm/archives/7921) as a baseline.
   seq_parallel  shard activations over the sequence on the 'model' mesh axis instead of splitting e and s.
+  adamw, adafactor, sgd, lion   the optimizer (experiments/common.py; AdamW by default), same schedule.
 
   python -m train_lib.main --config=experiments/gau_lm.py:tiny,flash --workdir=runs/flash
   python -m train_lib.main --config=experiments/gau_lm.py:tiny,gau_alpha --workdir=runs/gau_alpha
@@ -48,6 +49,8 @@ also what cuts activation memory, 82 → 10.3 GiB for `base` on one device; READ
 Results (2-core CPU; numbers from the runs named in README.md's "Results" section).
 """
 import ml_collections
+
+from experiments import common
 
 # Logical axis → mesh axis. Parameters: 'embed' is FSDP-sharded, GAU's 'expand' (e) and 'qk' (s) and
 # the vocabulary are tensor-parallel over 'model'. Activations: batch over data and fsdp.
@@ -137,50 +140,28 @@ _PRESETS = {"flash": _flash, "gau_alpha": _gau_alpha, "mlm": _mlm, "performer": 
             "seq_parallel": _seq_parallel}
 
 
-def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-    """Config for `arg` = a variant ('tiny', 'small', 'base'), then presets: 'small,flash', 'base,gau_alpha'."""
-    variant, *presets = [part.strip() for part in arg.split(",")]
-    if variant not in _VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of experiments/gau_lm.py; expected one of {sorted(_VARIANTS)}"
-                         f" (then optional presets after commas: {sorted(_PRESETS)})")
-    for preset in presets:
-        if preset not in _PRESETS:
-            raise ValueError(f"unknown preset {preset!r} of experiments/gau_lm.py; expected some of {sorted(_PRESETS)}")
+def get_config(arg: str | None = "tiny") -> ml_collections.ConfigDict:
+    """Config for `arg` = a variant ('tiny', 'small', 'base', 'flash_peer'), then presets: 'small,flash'."""
+    variant, presets = common.parse_arg(arg, default="tiny", variants=_VARIANTS, presets=_PRESETS, file=__file__)
     config = _base_config(variant)
     if variant == "flash_peer":
         presets = ["flash"] + presets
-    for preset in presets:
-        _PRESETS[preset](config, variant)
-    return config
+    return common.apply_presets(config, variant, presets, _PRESETS)
 
 
 def _base_config(arg: str) -> ml_collections.ConfigDict:
     layers, d, s, seq_len, batch, steps, lr, warmup = _VARIANTS[arg]
-    config = ml_collections.ConfigDict()
-    config.task = "lm"
-    config.seed = 0
-    config.total_steps = steps
-    config.batch_size = batch  # global, over all devices and processes
-    config.grad_accum_steps = 1
-    config.log_every_steps = 50 if arg != "base" else 100
-    config.eval_every_steps = {"tiny": 250, "demo": 250, "base": 5000}.get(arg, 500)
-    config.eval_batches = 8
-    config.checkpoint_every_steps = {"tiny": 250, "demo": 250, "base": 5000}.get(arg, 500)
-    config.keep_checkpoints = 3
-    config.ema_decay = 0.999
+    every = {"tiny": 250, "base": 5000}.get(arg, 500)
+    config = common.trainer_config(task="lm", total_steps=steps, batch_size=batch, logical_axis_rules=LOGICAL_AXIS_RULES,
+                                   log_every_steps=50 if arg != "base" else 100, eval_every_steps=every,
+                                   checkpoint_every_steps=every, ema_decay=0.999)
     config.final_sample_tokens = 200  # bytes of text sampled and printed at the end (0: none)
-    config.skip_nonfinite_steps = False  # True: skip a step whose loss/gradient is NaN/Inf and go on
-    config.start_fresh_if_checkpoints_unusable = False  # True: train from scratch if no checkpoint loads
-
-    config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "model": 1})
-    config.logical_axis_rules = LOGICAL_AXIS_RULES
 
     config.data = ml_collections.ConfigDict()
     config.data.path = ""  # '' = the embedded corpus; else a text file or a directory of text files
     config.data.seq_len = seq_len
 
     config.model = ml_collections.ConfigDict()
-    config.model.name = "gau_lm"
     config.model.vocab_size = 256
     config.model.num_layers = layers
     config.model.embed_dim = d
@@ -211,17 +192,6 @@ def _base_config(arg: str) -> ml_collections.ConfigDict:
     config.model.performer_features = 128  # random features m of the Performer baseline
     config.model.qk_scale_init = "normal"  # γ of Q/K: 'normal' (N(0, 0.02²), paper) or 'ones' (needed by relu²)
 
-    config.optimizer = ml_collections.ConfigDict()
-    config.optimizer.name = "adamw"
-    config.optimizer.learning_rate = lr
-    config.optimizer.warmup_steps = warmup
-    config.optimizer.end_lr_factor = 0.1
-    config.optimizer.b1 = 0.9
-    config.optimizer.b2 = 0.98
-    config.optimizer.eps = 1e-9
-    config.optimizer.weight_decay = 0.01
-    config.optimizer.grad_clip_norm = 1.0
-
-    config.debug = ml_collections.ConfigDict()
-    config.debug.nan_at_step = -1  # fault injection for tests: the loss at this step becomes NaN
+    config.optimizer = common.optimizer_config("adamw", learning_rate=lr, warmup_steps=warmup, end_lr_factor=0.1,
+                                               weight_decay=0.01, grad_clip_norm=1.0, b1=0.9, b2=0.98, eps=1e-9)
     return config

@@ -12,13 +12,13 @@ Variants (the rest is experiments/gau_lm.py:tiny — d=128, s=64, RoPE, pre-norm
   softmax_plus  softmax(QKᵀ/√s · log(max(l,16))/log 512)
   flash         FLASH mixed chunk attention, C = 32, local relu²(·/C) (paper), global linear part
 
-Run (each model × seed trains into WORKDIR/<model>_seed<seed>/, then `train_lib.evaluate`'s
+Run (each model × seed trains into WORKDIR/<model>_seed<seed>/, then `train_lib.lm.evaluate`'s
 `evaluate_lengths` scores it; finished runs are reused, so an interrupted study resumes):
 
   python -m experiments.length_generalization --config=experiments/length_generalization.py:small \
       --config.workdir=runs/length_generalization
   python -m experiments.length_generalization --config=experiments/length_generalization.py:base ...  # accelerators
-  python -m train_lib.evaluate --workdir=runs/length_generalization/softmax_seed0 --lengths=64,128,256,512,1024,2048
+  python -m train_lib.lm.evaluate --workdir=runs/length_generalization/softmax_seed0 --lengths=64,128,256,512,1024,2048
 
 Writes WORKDIR/results.json, results.md (the table) and length_generalization.png.
 
@@ -145,12 +145,14 @@ def run_config(config: ml_collections.ConfigDict, model: str, seed: int) -> ml_c
 
 def train_and_score(config, model: str, seed: int, stream: np.ndarray) -> dict:
     """Trains (or reuses) one run and evaluates it at every length."""
-    from train_lib import evaluate, generate, trainer
+    from train_lib import checkpointing, trainer
+    from train_lib.lm import evaluate
     workdir = pathlib.Path(config.workdir) / f"{model}_seed{seed}"
     start = time.time()
     trainer.train_and_evaluate(run_config(config, model, seed), str(workdir))
     train_seconds = time.time() - start
-    task, params, step = generate.load_params(workdir, use_ema=False)
+    run = checkpointing.restore_params(workdir, use_ema=False)
+    task, params, step = run.task, run.params, run.step
     start = time.time()
     rows = evaluate.evaluate_lengths(task, params, list(config.lengths), stream=stream,
                                      max_tokens=config.eval_tokens, batch_tokens=config.batch_tokens)
@@ -201,7 +203,13 @@ def plot(results: list[dict], lengths, train_length: int, path: pathlib.Path) ->
 
 
 def run(config: ml_collections.ConfigDict) -> str:
-    from train_lib import cli, data as data_lib
+    from train_lib import cli, config_lib, trainer
+    from train_lib.lm import data as data_lib
+    config_lib.check_study(config, choices={"models": MODELS}, positive=(
+        "lengths", "train_length", "eval_tokens", "batch_tokens", "chunk_size", "total_steps", "batch_size",
+        "learning_rate", "num_layers", "embed_dim", "key_dim"))
+    for model in config.models:  # every run's config is checked before the first one trains
+        trainer.setup(run_config(config, model, config.seeds[0]))
     cli.setup_logging()  # the trainer's progress lines, without Orbax's and absl's INFO chatter
     start = time.time()
     workdir = pathlib.Path(config.workdir)

@@ -100,6 +100,9 @@ def probe_accuracy(config: ml_collections.ConfigDict, probe: str, seed: int) -> 
 
 
 def run(config: ml_collections.ConfigDict) -> str:
+    from train_lib import config_lib
+    config_lib.check_study(config, choices={"probes": PROBES}, positive=(
+        "length", "steps", "learning_rate", "num_layers", "embed_dim", "key_dim"))
     start = time.time()
     lines = [f"Accuracy of predicting the position from {config.length} zeros (chance 1/{config.length} = "
              f"{1 / config.length:.3f}), {config.steps} Adam steps; mean, [min, max] over seeds {tuple(config.seeds)}:",

@@ -5,7 +5,7 @@ post 7359) classify better than per-class sigmoid binary cross-entropy at the de
 (s > 0), and are its scores calibrated through σ(2s) (post 9064) as well as BCE's through σ(s)?
 
 Task: for every function of the Python standard library (train/validation split by file, as in
-`train_lib.corpus`), predict which of the 50 most used modules its body references: a name bound
+`train_lib.lm.corpus`), predict which of the 50 most used modules its body references: a name bound
 by an `import` (module level or local) that the function uses. The features are a hashed bag
 (2^14 buckets) of the function's other identifiers, attribute names and their snake/camel-case
 pieces; the module names themselves, and import statements, are removed from the features, so
@@ -59,7 +59,7 @@ import numpy as np
 import optax
 
 from losses import multilabel_categorical_crossentropy
-from train_lib.corpus import is_validation_file, stdlib_root, stdlib_source_files
+from train_lib.lm.corpus import is_validation_file, stdlib_root, stdlib_source_files
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -304,6 +304,10 @@ def evaluate(params, data, config, loss_name) -> dict[str, float]:
 
 def run(config: ml_collections.ConfigDict) -> str:
     """Train every loss with every seed; return the markdown results table."""
+    from train_lib import config_lib
+    config_lib.check_study(config, choices={"losses": LOSSES}, positive=(
+        "num_labels", "num_buckets", "max_tokens", "learning_rate", "batch_size", "num_epochs", "ece_bins",
+        "file_stride"))
     start = time.time()
     data = build_dataset(config)
     train_labels, val_labels = data["train"]["labels"], data["validation"]["labels"]

@@ -4,6 +4,8 @@ Prediction first, target second; per-example output (the caller reduces); option
 class masks; hyperparameters keyword-only; float16/bfloat16 inputs computed in float32 and
 returned in the input dtype. Nothing here depends on ``train_lib`` or ``models``.
 """
+KEXUE_JAX_PACKAGE = "losses"  # train_lib checks this marker: another distribution's `losses` would lack it
+
 from losses.classification import (
     logit_adjusted_cross_entropy,
     rdrop_loss,

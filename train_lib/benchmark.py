@@ -6,9 +6,9 @@
 
 The step is the trainer's own (`trainer.make_plan`: same mesh, shardings, donation, gradient
 accumulation and optimizer) on a real batch of the experiment's data. After compiling and `--warmup`
-steps, each of `--steps` steps is timed to completion; the median is reported. For diffusion the
-sampler's step (one U-Net evaluation on `--sample_batch` images inside the jitted `lax.scan`
-sampler) is timed too. Prints a table, then one JSON line:
+steps, each of `--steps` steps is timed to completion; the median is reported. A task may time more
+(`Task.benchmark_extras`): for diffusion the sampler's step (one U-Net evaluation on `--sample_batch`
+images inside the jitted `lax.scan` sampler of `--sample_steps` steps). Prints a table, then one JSON line:
 
     step_ms, tokens_per_sec | images_per_sec, model_flops_per_step (counted: `train_lib.flops`),
     peak_flops (a large matmul, measured in this run), mfu, peak_memory_bytes (XLA's buffer
@@ -53,8 +53,9 @@ def _define_flags() -> None:
                                               "experiments/gau_lm.py:flash_peer.", lock_config=True)
     flags.DEFINE_integer("steps", 10, "Timed train steps (the median is reported).")
     flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
-    flags.DEFINE_integer("sample_steps", 10, "Diffusion only: K of the timed sampler run (0: skip).")
-    flags.DEFINE_integer("sample_batch", None, "Diffusion only: images per sampler step (default: the "
+    flags.DEFINE_integer("sample_steps", 10, "Tasks that sample (diffusion): steps of the timed sampler run "
+                         "(0: skip).")
+    flags.DEFINE_integer("sample_batch", None, "Tasks that sample: examples per sampler step (default: the "
                          "config's batch_size).")
     flags.DEFINE_bool("compile_only", False, "Only compile the train step (no state is initialised, nothing "
                       "runs): compile seconds and XLA's peak memory, e.g. for a model too large for this machine; "
@@ -64,50 +65,39 @@ def _define_flags() -> None:
     cli.define_distributed_flags()
 
 
-def _memory_bytes(compiled) -> int | None:
-    try:
-        m = compiled.memory_analysis()
-        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-    except Exception:  # not every backend reports it
-        return None
-
-
 def _compiled_step(config, *, abstract: bool = False):
     """(task, plan, compiled train step, initial state, one global batch, compile seconds) for `config`.
 
     `abstract`: state and batch are shape/sharding stand-ins (nothing is initialised or read), for
     compiling a step too large to run here. Compile seconds include tracing and lowering.
     """
-    from train_lib import config_lib, sharding, tasks, trainer  # after jax.distributed
+    from train_lib import sharding, trainer  # after jax.distributed
 
-    mesh_shape = config_lib.resolve_mesh_shape(config.mesh, jax.device_count())
-    config_lib.validate_batch(config, mesh_shape, jax.process_count())
-    task = tasks.get_task(config)
-    plan = trainer.make_plan(config, task, mesh_shape)
+    task, plan = trainer.plan_for(config)
+    settings = plan.settings
     if abstract:
-        batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=plan.batch_shardings[k])
-                 for k, v in plan.spec_batch.items()}
+        batch = plan.abstract_batch()
     else:
-        rows = sharding.local_rows(next(iter(plan.batch_shardings.values())), config.batch_size)
+        rows = sharding.local_rows(next(iter(plan.batch_shardings.values())), settings.batch_size)
         train_data, _, _ = task.datasets(rows)
         batch = sharding.make_global_batch(next(iter(train_data)), shardings=plan.batch_shardings,
-                                           global_batch=config.batch_size)
+                                           global_batch=settings.batch_size)
     with jax.set_mesh(plan.mesh), nn.logical_axis_rules(plan.rules):
         if abstract:
             state = plan.sharded_abstract_state()
         else:
             state = jax.jit(plan.init_fn, out_shardings=plan.state_shardings)(plan.rng, plan.spec_batch)
         start = time.perf_counter()
-        step_fn = plan.jit_train_step(task, config).lower(state, batch).compile()
+        step_fn = plan.jit_train_step(task).lower(state, batch).compile()
         compile_s = time.perf_counter() - start
     return task, plan, step_fn, state, batch, compile_s
 
 
-def _header(config, plan, name: str | None) -> dict:
+def _header(plan, name: str | None) -> dict:
     """What ran where: the first keys of both result dicts."""
-    return {"config": config_name() if name is None else name, "task": config.task,
+    return {"config": config_name() if name is None else name, "task": plan.settings.task,
             "platform": jax.devices()[0].platform, "devices": jax.device_count(), "processes": jax.process_count(),
-            "mesh": dict(plan.mesh.shape), "batch_size": config.batch_size, "params": plan.num_params}
+            "mesh": dict(plan.mesh.shape), "batch_size": plan.settings.batch_size, "params": plan.num_params}
 
 
 def _timed(ab: list) -> float:
@@ -120,20 +110,19 @@ def _timed(ab: list) -> float:
 
 def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_steps: int = 10,
                          sample_batch: int | None = None, name: str | None = None,
-                         ab_overrides: dict | None = None) -> dict:
-    """Measures the experiment's train step (and diffusion sampling step); returns the result dict.
+                         ab_overrides: dict | None = None, with_rows: bool = False):
+    """Measures the experiment's train step (and the task's extras, e.g. a sampler step); returns the
+    result dict, and with `with_rows` also the task's rows for the table.
 
     With `ab_overrides` ({dotted key: value}), also times the step of the config with those overrides,
     alternating with this one's (`ab_step_ms`, `ab_ratio` = B / A).
     """
-    from train_lib import config_lib, flops  # after jax.distributed
+    from train_lib import flops, memory  # after jax.distributed
 
-    config_lib.validate_config(config)
     ab_config = with_overrides(config, ab_overrides) if ab_overrides else None  # bad overrides fail before compiling
     task, plan, step_fn, state, batch, compile_s = _compiled_step(config)
     ab = None if ab_config is None else list(_compiled_step(ab_config)[2:5])  # [step_fn, state, batch]
-    dtype = config.model.get("dtype", "float32")
-    peak = flops.global_peak_flops(dtype)
+    peak = flops.global_peak_flops(task.compute_dtype)
     flops_per_step = task.model_flops_per_step()
     with jax.set_mesh(plan.mesh), nn.logical_axis_rules(plan.rules):
         for _ in range(warmup):
@@ -154,67 +143,38 @@ def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_ste
         loss = float(metrics["loss"])
     step_s = float(np.median(times))
     result = {
-        **_header(config, plan, name), "step_ms": 1e3 * step_s,
+        **_header(plan, name), "step_ms": 1e3 * step_s,
         "step_ms_min": 1e3 * min(times), "step_ms_max": 1e3 * max(times),
         f"{task.throughput_unit}_per_sec": task.units_per_batch / step_s,
         "model_flops_per_step": flops_per_step, "peak_flops": peak, "mfu": flops.mfu(flops_per_step, step_s, peak),
-        "peak_memory_bytes": _memory_bytes(step_fn), "compile_s": compile_s, "loss": loss,
+        "peak_memory_bytes": memory.needed_bytes(step_fn), "compile_s": compile_s, "loss": loss,
     }
     if ab is not None:
         ab_ms = 1e3 * float(np.median(ab_times))
         result.update({"ab_overrides": ab_overrides, "ab_step_ms": ab_ms, "ab_ratio": ab_ms / result["step_ms"]})
-    if config.task in ("lm", "mlm"):
-        result["seq_len"] = config.data.seq_len
-    if config.task == "diffusion" and sample_steps > 0:
-        result.update(_benchmark_sampling(task, state.params, sample_batch or config.batch_size, sample_steps, steps,
-                                          peak))
-    return result
+    result.update(task.benchmark_extras(state.params, peak_flops=peak, repeats=steps, sample_steps=sample_steps,
+                                        sample_batch=sample_batch or plan.settings.batch_size))
+    return (result, task.benchmark_rows(result)) if with_rows else result
 
 
 def compile_train_step(config, *, name: str | None = None, ab_overrides: dict | None = None) -> dict:
     """Compiles the experiment's train step without running it (`--compile_only`): compile seconds, XLA's
     peak memory per device and the counted FLOPs. Nothing is initialised, so any size compiles on a CPU.
     With `ab_overrides`, the config with those overrides is compiled after it (`ab_compile_s`, ...)."""
-    from train_lib import config_lib  # after jax.distributed
+    from train_lib import memory  # after jax.distributed
 
-    config_lib.validate_config(config)
     ab_config = with_overrides(config, ab_overrides) if ab_overrides else None
     task, plan, step_fn, _, _, compile_s = _compiled_step(config, abstract=True)
     result = {
-        **_header(config, plan, name),
-        "model_flops_per_step": task.model_flops_per_step(), "peak_memory_bytes": _memory_bytes(step_fn),
+        **_header(plan, name),
+        "model_flops_per_step": task.model_flops_per_step(), "peak_memory_bytes": memory.needed_bytes(step_fn),
         "compile_s": compile_s,
     }
     if ab_config is not None:
         _, _, ab_step, _, _, ab_compile_s = _compiled_step(ab_config, abstract=True)
         result.update({"ab_overrides": ab_overrides, "ab_compile_s": ab_compile_s,
-                       "ab_peak_memory_bytes": _memory_bytes(ab_step)})
+                       "ab_peak_memory_bytes": memory.needed_bytes(ab_step)})
     return result
-
-
-def _benchmark_sampling(task, params, size: int, num_steps: int, repeats: int, peak: float) -> dict:
-    """One sampler step = one U-Net evaluation on `size` images in the jitted sampler."""
-    from models.diffusion import samplers, schedules
-    from train_lib import flops
-
-    schedule = schedules.respace(task.schedule, num_steps, "even")
-    shape = (size,) + task.image_shape
-    labels = task.sample_labels(size) if task.num_classes > 0 else None
-
-    def run(seed):
-        return samplers.sample(task.denoiser, params, jax.random.PRNGKey(seed), schedule=schedule, shape=shape,
-                               method="ddpm_beta_tilde", labels=labels, prediction=task.prediction, clip_x0=True)
-
-    jax.block_until_ready(run(0))
-    times = []
-    for i in range(max(3, repeats // 2)):
-        start = time.perf_counter()
-        jax.block_until_ready(run(i + 1))
-        times.append((time.perf_counter() - start) / num_steps)
-    step_s = float(np.median(times))
-    forward = task.forward_flops(size)
-    return {"sample_batch_size": size, "sample_step_ms": 1e3 * step_s, "sample_images_per_sec": size / step_s,
-            "sample_mfu": flops.mfu(forward, step_s, peak)}
 
 
 def with_overrides(config, overrides: dict):
@@ -222,13 +182,13 @@ def with_overrides(config, overrides: dict):
 
     Raises ConfigError naming `--ab` for an unknown key, a value of the wrong type or an invalid result.
     """
-    from train_lib import config_lib
+    from train_lib import config_lib, trainer
 
     copy = ml_collections.ConfigDict(config.to_dict())
     copy.lock()  # unknown keys raise, as on the command line
     try:
         config_lib.apply_overrides(copy, overrides)
-        config_lib.validate_config(copy)
+        trainer.setup(copy)
     except (KeyError, AttributeError, TypeError, ValueError) as e:
         raise config_lib.ConfigError(f"--ab: cannot apply {describe_overrides(overrides)!r} to the config: {e}") from e
     return copy
@@ -261,10 +221,12 @@ def config_name() -> str:
     return flags.FLAGS["config"].serialize().split("=", 1)[-1] if flags.FLAGS["config"].present else ""
 
 
-def format_table(result: dict) -> str:
+def format_table(result: dict, extra_rows: list[tuple[str, str]] = ()) -> str:
+    """The result as an aligned table; `extra_rows` are the task's (`Task.benchmark_rows`)."""
     from train_lib import flops
 
     unit = next(k for k in result if k.endswith("_per_sec") and not k.startswith("sample"))
+    extra_rows = list(extra_rows)
     rows = [
         *_header_rows(result),
         ("train step", f"{result['step_ms']:.1f} ms median (min {result['step_ms_min']:.1f}, "
@@ -279,11 +241,7 @@ def format_table(result: dict) -> str:
         rows += [("A/B", f"B ({describe_overrides(result['ab_overrides'])}): {result['ab_step_ms']:.1f} ms median, "
                          f"B/A = {result['ab_ratio']:.3f} "
                          f"(steps alternated in this process)")]
-    if "sample_step_ms" in result:
-        rows += [("sampler step", f"{result['sample_step_ms']:.1f} ms for {result['sample_batch_size']} images "
-                                  f"({result['sample_images_per_sec']:,.0f} images/s, "
-                                  f"MFU {100 * result['sample_mfu']:.1f}%)")]
-    return _aligned(rows)
+    return _aligned(rows + extra_rows)
 
 
 def format_compile_table(result: dict) -> str:
@@ -312,6 +270,7 @@ def _mebibytes(size: int | None) -> str:
     return "n/a" if size is None else f"{size / 2**20:,.1f} MiB"
 
 
+
 def _aligned(rows) -> str:
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -321,22 +280,24 @@ def main(argv: list[str]) -> None:
     _define_flags()
     cli.parse_flags(argv)
     config = cli.load_config(_CONFIG)
-    xla_flags.apply_defaults(config.task)  # per-task XLA:CPU flags, before JAX starts a backend
-    cli.setup_logging()
-    cli.initialize_distributed()
     f = flags.FLAGS
-    if f.steps < 1 or f.warmup < 0 or f.sample_steps < 0:
-        cli.fail("--steps must be ≥ 1, --warmup and --sample_steps ≥ 0")
+    if f.steps < 1 or f.warmup < 0 or f.sample_steps < 0 or (f.sample_batch is not None and f.sample_batch < 1):
+        cli.fail("--steps and --sample_batch must be ≥ 1, --warmup and --sample_steps ≥ 0")
     ab_overrides = parse_overrides(f.ab) if f.ab else None
 
     def body():
+        from train_lib import registry
+        xla_flags.apply_defaults(registry.task_class(config.task).xla_cpu_flags)  # before JAX starts a backend
+        cli.setup_logging()
+        cli.initialize_distributed()
         if f.compile_only:
             result = compile_train_step(config, ab_overrides=ab_overrides)
             table = format_compile_table(result)
         else:
-            result = benchmark_train_step(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps,
-                                          sample_batch=f.sample_batch, ab_overrides=ab_overrides)
-            table = format_table(result)
+            result, rows = benchmark_train_step(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps,
+                                                sample_batch=f.sample_batch, ab_overrides=ab_overrides,
+                                                with_rows=True)
+            table = format_table(result, rows)
         if jax.process_index() == 0:
             print(table)
             print(json.dumps(result), flush=True)

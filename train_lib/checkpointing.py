@@ -6,17 +6,25 @@ same on every process (each reads its rows of the same global batches), so proce
 any topology — another device count, another process count — restores it.
 
 Orbax writes a step into a temporary directory and renames it when complete, so a save interrupted by a
-kill never looks like a checkpoint. A checkpoint that is damaged anyway (truncated or missing files) is
-moved to `<workdir>/damaged_checkpoints/` with a warning, and the previous one is used. One that loads
-its index but holds other arrays than the run asks for (another model, optimizer or layer layout) is
-left where it is: `CheckpointMismatchError` names the differences.
+kill never looks like a checkpoint. When a restore fails anyway, the files decide what happens:
+
+- its arrays differ from the config's (another model, optimizer or layer layout): the run stops with
+  `CheckpointMismatchError` naming the differences, and nothing is moved;
+- reading its files back shows them missing, truncated or unreadable (`damage_evidence`): it is moved to
+  `<workdir>/damaged_checkpoints/` with a warning, and the previous one is tried;
+- anything else (out of memory, a storage outage): the run stops with the error and nothing is moved.
+
+With several processes each classifies its own attempt and all act on the worst outcome (`_agree`).
+`restore_params` reads a workdir's newest parameters back for the CLIs and studies.
 """
 from __future__ import annotations
 
-import logging
-import pathlib
 import contextlib
+import dataclasses
+import json
+import logging
 import os
+import pathlib
 import re
 import shutil
 import sys
@@ -24,8 +32,11 @@ import tempfile
 import time
 from typing import Any
 
+import flax.linen as nn
 import grain
 import jax
+import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from train_lib.config_lib import ConfigError
@@ -83,6 +94,14 @@ class CheckpointError(RuntimeError):
     """No usable checkpoint, or a checkpoint could not be written."""
 
 
+class NoUsableCheckpointError(CheckpointError):
+    """There are checkpoints, and every one was shown damaged and moved aside."""
+
+
+class CheckpointRestoreError(CheckpointError):
+    """A restore failed for a reason other than damaged files (memory, storage): nothing was moved."""
+
+
 class CheckpointMismatchError(ConfigError):
     """The checkpoints were written by another model or optimizer than the config describes."""
 
@@ -116,15 +135,47 @@ def describe_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple], *, limi
     return "; ".join(parts) or None
 
 
-class Checkpointer:
-    """A `CheckpointManager` over `directory` that saves and restores state plus data position."""
+# Evidence that a checkpoint's files are damaged, in the errors of reading them back: TensorStore's status
+# codes for missing, short or corrupt data, and Orbax's and JSON's for missing or unreadable metadata.
+# Anything else (out of memory, a storage outage, a permission) says nothing about the files.
+_DAMAGE_EVIDENCE = re.compile(r"\b(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION)\b|No structure could be "
+                              r"identified|incomplete checkpoint|Expecting value|Unterminated string|not found")
+_OK, _DAMAGED, _MISMATCH, _ERROR = 0, 1, 2, 3  # a restore's outcome; with several processes the worst wins
 
-    def __init__(self, directory: str | pathlib.Path, *, keep: int, async_save: bool = True):
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
+
+
+class Checkpointer:
+    """A `CheckpointManager` over `directory` that saves and restores state plus data position.
+
+    Saving is collective (every process writes its shards, process 0 commits). Restoring goes through a
+    second manager that treats each process on its own, so a process that fails to read never leaves
+    another waiting in Orbax's restore barrier: the processes then agree on one outcome.
+    """
+
+    def __init__(self, directory: str | pathlib.Path, *, keep: int, async_save: bool = True, read_only: bool = False):
         self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-            "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        me = jax.process_index()
+        local = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                   barrier_sync_key_prefix=f"restore_{me}")
+        absl_log = logging.getLogger("absl")
+        absl_log.disabled = True  # Orbax explains at length what read_only implies; it is what we ask for
+        try:
+            self._reader = ocp.CheckpointManager(
+                self.directory, item_handlers=self._handlers(),
+                options=ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=local))
+        finally:
+            absl_log.disabled = False
+        # Reading a workdir back (read_only) writes nothing into it.
+        self.manager = self._reader if read_only else ocp.CheckpointManager(
+            self.directory, item_handlers=self._handlers(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save))
+
+    @staticmethod
+    def _handlers():
+        return {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -142,54 +193,90 @@ class Checkpointer:
         except Exception as e:  # disk full, directory removed or made read-only, ... (maybe in an earlier async save)
             raise self._write_error(e) from e
 
+    def _restore_items(self, step: int, abstract_state: Any, with_data: bool) -> dict[str, Any]:
+        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        if with_data:
+            items["data"] = ocp.args.JsonRestore()
+        return dict(self._reader.restore(step, args=ocp.args.Composite(**items)))
+
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         """The state at `step`, laid out as `abstract_state`'s shardings; moves `data_iterator` in place."""
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
-            items["data"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._restore_items(step, abstract_state, data_iterator is not None)
         if data_iterator is not None:
             data_iterator.set_state(restored["data"])
         return restored["state"]
 
     def restore_newest_usable(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
-        """Restores the newest checkpoint that loads; damaged newer ones are moved aside with a warning.
+        """Restores the newest checkpoint that loads; newer ones shown to be damaged are moved aside.
 
-        Returns None if there are no checkpoints; raises CheckpointError if there are some but none loads.
+        Returns None if there are no checkpoints. Raises CheckpointMismatchError if the newest readable one
+        holds another model's arrays, and CheckpointError if none loads or a restore fails for a reason
+        other than damaged files (then nothing is moved).
         """
-        steps = sorted(self.manager.all_steps(), reverse=True)
+        self._reader.reload()
+        steps = sorted(self._reader.all_steps(), reverse=True)
         moved = []
         for step in steps:
-            mismatch = None
-            try:
-                with _without_closed_loop_tracebacks():
-                    try:
-                        state = self.restore(step, abstract_state, data_iterator)
-                    except Exception:
-                        mismatch = self._mismatch(step, abstract_state)  # read while fd 2 is still filtered
-                        raise
-            except Exception as e:  # truncated or missing files surface as many exception types
-                if mismatch:
-                    raise CheckpointMismatchError(self._mismatch_message(step, *mismatch, moved)) from None
-                log.warning("checkpoint %s is damaged (%s: %s); moving it to damaged_checkpoints/ and trying "
-                            "the previous one", self.directory / str(step), type(e).__name__,
-                            " ".join(str(e).split())[:300])
-                self._move_aside(step)
-                moved.append(step)
-                continue
-            log.info("restored checkpoint %s", self.directory / str(step))
-            return state
+            outcome, result = self._try_restore(step, abstract_state, data_iterator is not None)
+            agreed = _agree(outcome)
+            if agreed == _OK:
+                if data_iterator is not None:
+                    data_iterator.set_state(result["data"])
+                log.info("restored checkpoint %s", self.directory / str(step))
+                return result["state"]
+            if agreed == _MISMATCH:
+                detail = result if outcome == _MISMATCH else "another process found other arrays than the config's"
+                raise CheckpointMismatchError(self._mismatch_message(step, *detail, moved) if outcome == _MISMATCH
+                                              else f"checkpoint {self.directory / str(step)}: {detail}")
+            if agreed == _ERROR:
+                cause = _one_line(result) if outcome == _ERROR else "another process failed to restore it"
+                raise CheckpointRestoreError(
+                    f"restoring checkpoint {self.directory / str(step)} failed ({cause}); its files read back "
+                    "whole, so it is not damaged and was left in place: fix the cause and rerun the same command")
+            evidence = result if outcome == _DAMAGED else "damaged as another process read it"
+            log.warning("checkpoint %s is damaged (%s); moving it to damaged_checkpoints/ and trying the previous "
+                        "one", self.directory / str(step), evidence)
+            self._move_aside(step)
+            moved.append(step)
         if steps:
-            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} could be restored (moved to "
+            raise NoUsableCheckpointError(f"none of the checkpoints {steps} in {self.directory} could be restored (moved to "
                                   f"{self.directory.parent / 'damaged_checkpoints'}); set "
                                   "--config.start_fresh_if_checkpoints_unusable=True to train from scratch instead")
+        return None
+
+    def _try_restore(self, step: int, abstract_state: Any, with_data: bool) -> tuple[int, Any]:
+        """(outcome, restored items | mismatch (description, fields) | evidence of damage | the error)."""
+        with _without_closed_loop_tracebacks():
+            try:
+                return _OK, self._restore_items(step, abstract_state, with_data)
+            except Exception as error:  # noqa: BLE001  (classified below, by what the files show)
+                mismatch = self._mismatch(step, abstract_state)
+                if mismatch:
+                    return _MISMATCH, mismatch
+                evidence = self.damage_evidence(step)
+                time.sleep(1.0)  # let the reads still in flight finish (and fail) while fd 2 is filtered
+                return (_DAMAGED, evidence) if evidence else (_ERROR, error)
+
+    def damage_evidence(self, step: int) -> str | None:
+        """Why checkpoint `step` is damaged, if reading it back says so: its metadata or array files are
+        missing, truncated or unreadable. None if every array reads back whole (the checkpoint is fine) or
+        the reading fails for another reason (memory, storage, permissions), which proves nothing."""
+        path = self.directory / str(step) / "state"
+        try:
+            metadata = self._reader.item_metadata(step)["state"]
+            if metadata is None:
+                return f"no readable metadata in {path}"
+            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+            ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+        except Exception as error:  # noqa: BLE001
+            return _one_line(error) if _DAMAGE_EVIDENCE.search(str(error)) else None
         return None
 
     def _mismatch(self, step: int, abstract_state: Any) -> tuple[str, set[str]] | None:
         """(how checkpoint `step`'s arrays differ from `abstract_state`'s, the top-level fields that differ);
         None if they agree or the checkpoint's index is unreadable (then it is damaged, not another model's)."""
         try:
-            saved = _shapes(self.manager.item_metadata(step)["state"])
+            saved = _shapes(self._reader.item_metadata(step)["state"])
         except Exception:
             return None
         wanted = _shapes(abstract_state)
@@ -224,6 +311,7 @@ class Checkpointer:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
         self.manager.reload()
+        self._reader.reload()
 
     def wait_until_finished(self) -> None:
         try:
@@ -237,4 +325,105 @@ class Checkpointer:
                                f"checkpoints {sorted(self.manager.all_steps())} are untouched")
 
     def close(self) -> None:
-        self.manager.close()
+        if self.manager is not self._reader:
+            self.manager.close()
+        self._reader.close()
+
+
+def _agree(outcome: int) -> int:
+    """The worst outcome over all processes (a collective; every process calls it with its own)."""
+    if jax.process_count() == 1:
+        return outcome
+    from jax.experimental import multihost_utils
+    return int(np.max(multihost_utils.process_allgather(np.asarray([outcome], np.int32), tiled=True)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading a finished (or running) workdir back: its config and its newest parameters.
+# --------------------------------------------------------------------------------------------------
+def load_run_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+    """The config a training workdir was written with (`config.json`), or a one-line ConfigError."""
+    path = pathlib.Path(workdir) / "config.json"
+    if not pathlib.Path(workdir).is_dir():
+        raise ConfigError(f"--workdir: {str(workdir)!r} is not a directory; give a training run's --workdir")
+    if not path.is_file():
+        raise ConfigError(f"--workdir: {str(workdir)!r} has no config.json; is it a training workdir?")
+    try:
+        values = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--workdir: {str(path)!r} is not valid JSON ({e}); it is written by the trainer, "
+                          "restore it from the run's first start or rerun training") from None
+    if not isinstance(values, dict) or not isinstance(values.get("task"), str):
+        raise ConfigError(f"--workdir: {str(path)!r} does not describe a training run (no 'task' key)")
+    return ml_collections.ConfigDict(values)
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoredParams:
+    """What `restore_params` read from a workdir."""
+
+    task: Any  # the Task of the run's config
+    params: Any
+    step: int
+    ema: bool  # whether `params` are the EMA parameters
+    config: ml_collections.ConfigDict
+
+
+def restore_params(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh: jax.sharding.Mesh | None = None,
+                   command: str | None = None) -> RestoredParams:
+    """The newest parameters of a training workdir, with the task that trained them.
+
+    Args:
+      workdir: a `train_lib.main` workdir (config.json and checkpoints/).
+      use_ema: the EMA parameters when the run kept them (else the raw ones; `RestoredParams.ema` says which).
+      mesh: lay the parameters out on this mesh by the run's logical axis rules; None: on one device.
+      command: the module name of the calling CLI; a workdir of a task that CLI does not serve is refused
+        with a line naming the CLIs that do (`Task.commands`).
+    Raises:
+      ConfigError, one line: not a workdir, a broken config.json, a task this CLI does not serve, no
+      checkpoint yet, or checkpoints that do not fit the config.
+    """
+    from train_lib import config_lib, optim, registry, sharding
+    from train_lib import state as state_lib
+
+    workdir = pathlib.Path(workdir)
+    config = load_run_config(workdir)
+    cls = registry.task_class(config.task)
+    if command is not None and command not in cls.commands:
+        served_by = " or ".join(registry.command_line(c) for c in cls.commands) or "none of the CLIs"
+        raise ConfigError(f"--workdir: {str(workdir)!r} holds {cls.description} (task {config.task!r}), which "
+                          f"{registry.command_line(command)} does not serve; use {served_by}")
+    try:
+        task = cls(config)
+        optimizer = optim.make_optimizer(config.optimizer, config.total_steps)
+        ema = config.ema_decay > 0
+    except (AttributeError, KeyError, TypeError) as e:
+        raise ConfigError(f"--workdir: {str(workdir / 'config.json')!r} lacks or mistypes a key the task needs "
+                          f"({' '.join(str(e).split())[:200]})") from None
+    if not (workdir / "checkpoints").is_dir():
+        raise ConfigError(f"--workdir: {str(workdir / 'checkpoints')!r} holds no checkpoint yet")
+    checkpointer = Checkpointer(workdir / "checkpoints", keep=1, read_only=True)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise ConfigError(f"--workdir: {str(workdir / 'checkpoints')!r} holds no checkpoint yet")
+        boxed = state_lib.abstract_boxed(task, optimizer, ema=ema, batch_size=1)
+        if mesh is None:
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            shardings = jax.tree.map(lambda _: device, state_lib.unbox(boxed))
+        else:
+            rules = config_lib.logical_axis_rules(config)
+            shardings = sharding.state_shardings(boxed, mesh, rules)
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state_lib.unbox(boxed),
+                                shardings)
+        outcome, result = checkpointer._try_restore(step, abstract, False)
+        if outcome == _MISMATCH:
+            raise CheckpointMismatchError(checkpointer._mismatch_message(step, *result, []))
+        if outcome != _OK:
+            raise ConfigError(f"--workdir: checkpoint {workdir / 'checkpoints' / str(step)} cannot be read ("
+                              f"{result if outcome == _DAMAGED else _one_line(result)})")
+    finally:
+        checkpointer.close()
+    state = result["state"]
+    ema = use_ema and state.ema_params is not None
+    return RestoredParams(task, state.ema_params if ema else state.params, step, ema, config)

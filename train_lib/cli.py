@@ -1,11 +1,14 @@
 """Shared command-line plumbing: flag parsing with one-line errors, logging and jax.distributed set-up."""
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import pathlib
 import re
 import sys
 import threading
+import traceback
 from typing import Callable, NoReturn
 
 from absl import flags
@@ -52,8 +55,87 @@ def _override_hint(error: Exception, argv: list[str]) -> str:
     return f"config: unknown key '{key}'{where}{hint}; the config is locked, so only existing keys can be overridden"
 
 
-def parse_flags(argv: list[str]) -> None:
-    """Parses absl flags, turning any flag or config-override error into one line and exit status 2."""
+_HELP = ("--help", "-h", "--helpfull", "--helpshort", "-?")
+
+
+def print_help() -> NoReturn:
+    """The main module's docstring, then every flag of this command (absl's own logging flags left out)."""
+    main = sys.modules.get("__main__")
+    text = [(main.__doc__ or "").strip(), ""]
+    for module, module_flags in sorted(flags.FLAGS.flags_by_module_dict().items()):
+        if module.startswith("absl."):
+            continue
+        for flag in sorted(module_flags, key=lambda f: f.name):
+            default = "" if flag.default is None else f" (default: {flag.default_as_str or flag.default})"
+            text.append(f"  --{flag.name}: {' '.join((flag.help or '').split())}{default}")
+    text.append("  --config.KEY=VALUE: override any key of the experiment config (where there is --config)")
+    print("\n".join(text).strip(), flush=True)
+    sys.stdout.flush()
+    os._exit(0)
+
+
+def experiments_dir() -> pathlib.Path | None:
+    """The directory of the installed `experiments` package (the experiment files shipped with kexue-jax)."""
+    import importlib.util
+    spec = importlib.util.find_spec("experiments")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    return pathlib.Path(locations[0]) if locations else None
+
+
+def resolve_config_path(value: str) -> str:
+    """`FILE[:ARG]` of a --config flag, with FILE checked: an existing file is used as given; a path like
+    `experiments/gau_lm.py` that is not there relative to the working directory is taken from the installed
+    `experiments` package, so the commands work from any directory. Anything else fails in one line."""
+    path, sep, arg = value.partition(":")
+    package = experiments_dir()
+    available = sorted(p.name for p in package.glob("*.py") if not p.name.startswith("_") and p.name != "common.py") \
+        if package else []
+    listing = f" (experiments/: {', '.join(available)})" if available else ""
+    if os.path.isdir(path):
+        fail(f"config: --config={value!r} is a directory; give an experiment file and variant, e.g. "
+             f"--config=experiments/gau_lm.py:tiny{listing}")
+    if not os.path.isfile(path):
+        name = pathlib.PurePath(path)
+        if package and name.parts[:1] == ("experiments",) and (package / pathlib.Path(*name.parts[1:])).is_file():
+            path = str(package / pathlib.Path(*name.parts[1:]))
+        else:
+            fail(f"config: experiment file {path!r} does not exist (relative to {os.getcwd()!r}); give a path to one, "
+                 f"or experiments/NAME.py for those installed with kexue-jax{listing}")
+    try:
+        tree = ast.parse(pathlib.Path(path).read_text(encoding="utf-8"), path)
+    except SyntaxError as e:
+        fail(f"config: {path} line {e.lineno}: SyntaxError: {e.msg}; fix the experiment file")
+    except (OSError, UnicodeDecodeError) as e:
+        fail(f"config: cannot read experiment file {path!r}: {e}")
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
+        fail(f"config: {path} defines no get_config(arg) function; an experiment file returns its ConfigDict from "
+             "get_config (see experiments/gau_lm.py)")
+    return path + sep + arg
+
+
+def _resolve_config_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    out, i = list(argv), 1
+    while i < len(out):
+        for name in names:
+            if out[i].startswith(f"--{name}="):
+                out[i] = f"--{name}=" + resolve_config_path(out[i].split("=", 1)[1])
+            elif out[i] == f"--{name}" and i + 1 < len(out):
+                out[i + 1] = resolve_config_path(out[i + 1])
+        i += 1
+    return out
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Parses absl flags, turning any flag or config-override error into one line and exit status 2.
+
+    `--help` prints the flags and exits 0. The experiment file of a `--config` flag is checked (and found in
+    the installed package) before absl loads it. Returns the argv that was parsed.
+    """
+    if any(arg in _HELP for arg in argv[1:]):
+        print_help()
+    config_names = tuple(name for name, flag in flags.FLAGS._flags().items()
+                         if type(flag).__name__ == "_ConfigFlag")
+    argv = _resolve_config_flags(argv, config_names)
     try:
         flags.FLAGS(argv)
     except flags.Error as e:
@@ -64,7 +146,17 @@ def parse_flags(argv: list[str]) -> None:
     except (AttributeError, KeyError) as e:
         fail(_override_hint(e, argv))
     except (TypeError, ValueError) as e:
-        fail(f"config: {e}")
+        fail(f"config: {' '.join(str(e).split())}")
+    except Exception as e:  # noqa: BLE001  (raised by the experiment file's own code, e.g. a NameError)
+        fail(f"config: {_where(e)}{type(e).__name__}: {' '.join(str(e).split())}")
+    return argv
+
+
+def _where(error: BaseException) -> str:
+    """'FILE line N: ' of the innermost frame outside the libraries, or ''."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if "site-packages" not in f.filename and "/train_lib/" not in f.filename]
+    return f"{frames[-1].filename} line {frames[-1].lineno}: " if frames else ""
 
 
 def _log_thread_exception(args) -> None:
@@ -115,18 +207,17 @@ def initialize_distributed() -> None:
 
 def load_config(config_flag):
     """The experiment config of a `DEFINE_config_file` flag, or a one-line error naming what is wrong."""
-    if flags.FLAGS[config_flag.name].present == 0:
+    if flags.FLAGS[config_flag.name].present == 0 and flags.FLAGS[config_flag.name].default is None:
         fail(f"--{config_flag.name} is required, e.g. --{config_flag.name}=experiments/gau_lm.py:tiny")
     config_arg = flags.FLAGS[config_flag.name].serialize().split("=", 1)[-1]
-    config_file = config_arg.split(":", 1)[0]
-    if not os.path.isfile(config_file):
-        fail(f"config: experiment file {config_file!r} does not exist; see experiments/ for the available ones")
     try:
         config = config_flag.value
         config.get("task")
     except Exception as e:  # raised while building the config, e.g. an unknown variant
         cause = e.__cause__ or e
-        fail(f"config: cannot load {config_arg!r}: {' '.join(str(cause).split())}")
+        fail(f"config: cannot load {config_arg!r}: {_where(cause)}{' '.join(str(cause).split())}")
+    if not hasattr(config, "get"):
+        fail(f"config: get_config of {config_arg!r} returned {type(config).__name__}, not an ml_collections.ConfigDict")
     return config
 
 
@@ -137,13 +228,19 @@ def run_study(script_file: str, run: Callable) -> None:
     The flag is defined here, when the script runs, not when it is imported: config_flags re-imports the
     file to call its get_config.
     """
-    from absl import app
     from absl import logging as absl_logging
     from ml_collections import config_flags
 
     absl_logging.set_verbosity(absl_logging.WARNING)
-    holder = config_flags.DEFINE_config_file("config", default=script_file, help_string="experiment config")
-    app.run(lambda argv: print(run(holder.value)))
+    try:  # with a default, config_flags loads the file and applies --config.* overrides right here
+        holder = config_flags.DEFINE_config_file("config", default=script_file, help_string="experiment config")
+    except (AttributeError, KeyError) as e:
+        fail(_override_hint(e, sys.argv))
+    except Exception as e:  # noqa: BLE001
+        fail(f"config: {_where(e)}{type(e).__name__}: {' '.join(str(e).split())}")
+    parse_flags(sys.argv)
+    config = load_config(holder)
+    run_guarded(lambda: print(run(config)))
 
 
 def run_guarded(body: Callable[[], None]) -> None:

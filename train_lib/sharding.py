@@ -6,6 +6,8 @@ parallelism, FSDP and tensor parallelism are therefore a config edit: a mesh axi
 """
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -14,6 +16,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from train_lib.config_lib import MESH_AXES, ConfigError
+
+log = logging.getLogger(__name__)
 
 Rules = Sequence[tuple[str, Any]]
 
@@ -24,19 +28,73 @@ def make_mesh(mesh_shape: dict[str, int]) -> Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
-def logical_rules(config) -> tuple[tuple[str, Any], ...]:
-    """The config's rules as a tuple of (logical name, mesh axis or axes or None)."""
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in config.logical_axis_rules)
-
-
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
     """NamedShardings for a tree of (boxed, logically annotated) abstract values."""
     specs = nn.get_partition_spec(abstract_boxed)
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def _is_box(x) -> bool:
+    return isinstance(x, nn.Partitioned)
+
+
+def state_shardings(boxed_state: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings of every array of a train state whose parameters are logical boxes.
+
+    `boxed_state` is `jax.eval_shape` of an init that keeps the boxes (`train_lib.state.boxed_init`):
+    optax builds its state with `tree_map` over the parameters, and the EMA is a copy, so every moment,
+    trace and average sits in a box with its parameter's logical names (flax lm1b's recipe). Leaves
+    outside boxes (step, RNG key, counts) are replicated. A box whose array has fewer dimensions than
+    its names is a reduced statistic of its parameter, such as Adafactor's factored second moments
+    (one row and one column vector per matrix): it keeps the names of the parameter's dimensions it
+    still has, matched by size in order (`_kept_names`); a placeholder of size 1 is replicated.
+    """
+    params = {path: box.value.shape for path, box in _boxes_with_path(boxed_state.params)}
+
+    def spec(path, leaf):
+        if not _is_box(leaf):
+            return PartitionSpec()
+        names, shape = tuple(leaf.names), tuple(leaf.value.shape)
+        param_shape = _parameter_shape(tuple(path), params)
+        if len(names) != len(shape) or (param_shape is not None and shape != param_shape):
+            names = _kept_names(names, shape, param_shape, jax.tree_util.keystr(path))
+        return nn.logical_to_mesh_axes(names, rules)
+
+    specs = jax.tree_util.tree_map_with_path(spec, boxed_state, is_leaf=_is_box)
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def _boxes_with_path(tree):
+    return [(tuple(p), leaf) for p, leaf in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_box)
+            if _is_box(leaf)]
+
+
+def _parameter_shape(path: tuple, params: dict[tuple, tuple]) -> tuple | None:
+    """The shape of the parameter whose key path ends `path` (the longest such suffix), or None."""
+    for start in range(len(path)):
+        if path[start:] in params:
+            return params[path[start:]]
+    return None
+
+
+def _kept_names(names: tuple, shape: tuple, param_shape: tuple | None, where: str) -> tuple:
+    """Logical names for an array of `shape` holding a reduction of a parameter of `param_shape`."""
+    if math.prod(shape) <= 1 or param_shape is None:
+        return (None,) * len(shape)
+    kept, start = [], 0
+    for size in shape:  # the first parameter dimension of each size, in order
+        index = next((i for i in range(start, len(param_shape)) if param_shape[i] == size), None)
+        if index is None:
+            log.warning("optimizer state %s %s is not a reduction of its parameter %s: replicated", where,
+                        shape, param_shape)
+            return (None,) * len(shape)
+        kept.append(names[index])
+        start = index + 1
+    return tuple(kept)
+
+
 def check_divisible(abstract: Any, shardings: Any, mesh: Mesh) -> None:
-    """Each sharded dimension must divide evenly over its mesh axes; names the parameter if not."""
+    """Each sharded dimension must divide evenly over its mesh axes; names the array if not."""
     flat_values = jax.tree_util.tree_flatten_with_path(abstract)[0]
     flat_shardings = jax.tree_util.tree_leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     for (path, value), sharding in zip(flat_values, flat_shardings):
@@ -45,31 +103,20 @@ def check_divisible(abstract: Any, shardings: Any, mesh: Mesh) -> None:
             ways = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
             if dim % ways:
                 name = jax.tree_util.keystr(path)
-                raise ConfigError(f"config: parameter {name} has a dimension of {dim}, which mesh axes {axes} "
+                raise ConfigError(f"config: {name} has a dimension of {dim}, which mesh axes {axes} "
                                   f"cannot split {ways} ways; change the model size or the mesh")
 
 
-def _path_suffix_map(params: Any, param_shardings: Any) -> dict[tuple, NamedSharding]:
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    shard_leaves = jax.tree_util.tree_leaves(param_shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
-    return {tuple(path): (leaf.shape, sharding) for (path, leaf), sharding in zip(flat, shard_leaves)}
+def host_local(tree: Any) -> Any:
+    """The full value of every array of `tree` as NumPy on this host. Every process must call it: arrays
+    spread over several processes are gathered (`multihost_utils.process_allgather`, a collective)."""
+    from jax.experimental import multihost_utils
 
-
-def mirrored_shardings(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
-    """Shardings for a tree whose leaves mirror parameters (optimizer moments, EMA): a leaf whose key path
-    ends with a parameter's path, and has its shape, gets that parameter's sharding; others are replicated."""
-    by_path = _path_suffix_map(params, param_shardings)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def pick(path, leaf):
-        path = tuple(path)
-        for start in range(len(path)):
-            match = by_path.get(path[start:])
-            if match is not None and match[0] == getattr(leaf, "shape", None):
-                return match[1]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(pick, tree)
+    def local(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(local, tree)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int) -> NamedSharding:

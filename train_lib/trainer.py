@@ -1,7 +1,11 @@
 """The training loop: one linear function in banner-commented sections (after big_vision's train.py).
 
-setup → mesh → task and data → shapes and shardings (`jax.eval_shape`) → jitted init → restore →
-jitted train/eval steps → loop (log, evaluate, checkpoint) → wait for checkpoints and report.
+setup (read and check the config; lock the workdir) → mesh, shapes and shardings (`jax.eval_shape`) →
+data → compile the steps (and check they fit) → restore or initialise → loop (log, evaluate,
+checkpoint) → wait for checkpoints and report.
+
+The trainer knows no model family: it receives a `train_lib.task.Task` (from `config.task` through
+`train_lib.registry`) and calls only the protocol's methods.
 """
 from __future__ import annotations
 
@@ -12,39 +16,24 @@ import math
 import time
 from typing import Any
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train_lib import checkpointing, config_lib, flops, optim, preemption, sharding, tasks
-from train_lib.metrics import MetricsWriter, ProgressBar
+from train_lib import checkpointing, config_lib, flops, memory, optim, preemption, registry, sharding
+from train_lib import state as state_lib
+from train_lib.config_lib import ConfigError, TrainerSettings
+from train_lib.metrics import MetricsWriter, ProgressBar, plot_curves
+from train_lib.state import TrainState
+from train_lib.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced a NaN or Inf loss or gradient."""
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything that must be checkpointed to resume a run exactly."""
-
-    step: jax.Array  # int32 scalar: optimizer steps taken (= batches consumed)
-    params: Any
-    opt_state: Any
-    ema_params: Any  # None when config.ema_decay == 0
-    rng: jax.Array  # base key; step t uses fold_in(rng, t), so resuming needs no RNG bookkeeping
-
-
-def init_state(rng: jax.Array, batch: dict[str, jax.Array], *, task, optimizer, ema: bool) -> TrainState:
-    params_rng, state_rng = jax.random.split(rng)
-    params = nn.unbox(task.init_params(params_rng, batch))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      ema_params=jax.tree.map(jnp.copy, params) if ema else None, rng=state_rng)
 
 
 def _microbatches(batch: dict[str, jax.Array], num: int, batch_sharding_fn) -> dict[str, jax.Array]:
@@ -55,53 +44,52 @@ def _microbatches(batch: dict[str, jax.Array], num: int, batch_sharding_fn) -> d
     return jax.tree.map(split, batch)
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, task, optimizer, config,
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, task, optimizer: optax.GradientTransformation,
+               schedule: optax.Schedule, settings: TrainerSettings,
                microbatch_sharding) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a global batch (gradients accumulated over `grad_accum_steps` microbatches).
 
     Args:
       state: the current TrainState.
       batch: the global batch, sharded over the 'batch' logical axis.
+      task: supplies `value_and_grad` (by default `jax.value_and_grad` of its loss).
     Returns:
       (new state, scalar metrics). A non-finite loss or gradient leaves params, optimizer state and EMA
       unchanged (the step counter still advances) and sets metrics['nonfinite'] to 1.
     """
     step_rng = jax.random.fold_in(state.rng, state.step)
-    poison = jnp.where(state.step == config.debug.nan_at_step, jnp.nan, 1.0)  # fault injection for tests
-
-    def loss_fn(params, microbatch, rng):
-        loss, aux = task.loss(params, microbatch, rng, train=True)
-        return loss * poison, aux
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    accum = config.grad_accum_steps
+    accum = settings.grad_accum_steps
     if accum == 1:
-        (loss, aux), grads = grad_fn(state.params, batch, step_rng)
+        (loss, aux), grads = task.value_and_grad(state.params, batch, step_rng)
     else:
         def accumulate(carry, inputs):
             index, microbatch = inputs
-            (loss, aux), grads = grad_fn(state.params, microbatch, jax.random.fold_in(step_rng, index))
+            (loss, aux), grads = task.value_and_grad(state.params, microbatch, jax.random.fold_in(step_rng, index))
             return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, state.params, batch, step_rng))
-        zeros = (zeros[0][0], zeros[0][1], zeros[1])
         micro = _microbatches(batch, accum, microbatch_sharding)
+        first = jax.tree.map(lambda x: x[0], micro)
+        (loss0, aux0), grads0 = jax.eval_shape(task.value_and_grad, state.params, first, step_rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, aux0, grads0))
         (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
         loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+    if settings.nan_at_step >= 0:  # test-only fault injection: absent from the step unless configured
+        poison = jnp.where(state.step == settings.nan_at_step, jnp.nan, 1.0)
+        loss, grads = loss * poison, jax.tree.map(lambda g: g * poison, grads)
 
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params
     if ema_params is not None:
-        ema_params = optim.update_ema(ema_params, params, state.step, config.ema_decay)
+        ema_params = optim.update_ema(ema_params, params, state.step, settings.ema_decay)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state),
                               ema_params=keep(ema_params, state.ema_params))
     metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32), **aux,
-               "learning_rate": optim.learning_rate_schedule(config)(state.step)}
+               "learning_rate": schedule(state.step)}
     return new_state, metrics
 
 
@@ -119,109 +107,186 @@ class Plan:
     """How a config runs on this mesh, before anything is allocated: what the trainer and the
     benchmark (`train_lib.benchmark`) share."""
 
+    settings: TrainerSettings
     mesh: jax.sharding.Mesh
     rules: tuple
     batch_shardings: dict[str, jax.sharding.NamedSharding]
     microbatch_sharding: Any  # ndim -> NamedSharding of [microbatch, batch, ...]
     optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
     rng: jax.Array
     spec_batch: dict[str, jax.ShapeDtypeStruct]
     init_fn: Any  # (rng, batch) -> TrainState
     abstract_state: TrainState
-    param_shardings: Any
     state_shardings: Any
     num_params: int
+
+    @property
+    def param_shardings(self) -> Any:
+        return self.state_shardings.params
+
+    @property
+    def replicated(self) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
     def sharded_abstract_state(self) -> TrainState:
         """The state as ShapeDtypeStructs carrying their shardings (what a restore or a compile needs)."""
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                             self.abstract_state, self.state_shardings)
 
-    def jit_train_step(self, task, config):
-        """The jitted train step with explicit shardings; the state is donated (updated in place)."""
-        return jax.jit(functools.partial(train_step, task=task, optimizer=self.optimizer, config=config,
-                                         microbatch_sharding=self.microbatch_sharding),
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.batch_shardings[k])
+                for k, v in self.spec_batch.items()}
+
+    def jit_train_step(self, task):
+        """The jitted train step with explicit shardings; the state is donated (updated in place) and the
+        metrics are replicated, so every process can read them."""
+        return jax.jit(functools.partial(train_step, task=task, optimizer=self.optimizer, schedule=self.schedule,
+                                         settings=self.settings, microbatch_sharding=self.microbatch_sharding),
                        in_shardings=(self.state_shardings, self.batch_shardings),
-                       out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+                       out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
     def jit_eval_step(self, task):
-        return jax.jit(task.eval_sums, in_shardings=(self.param_shardings, self.batch_shardings))
+        return jax.jit(task.eval_sums, in_shardings=(self.param_shardings, self.batch_shardings),
+                       out_shardings=self.replicated)
+
+    def compile_train_step(self, task):
+        """The train step compiled from shapes alone (nothing allocated yet)."""
+        return self.jit_train_step(task).lower(self.sharded_abstract_state(), self.abstract_batch()).compile()
 
 
-def make_plan(config, task, mesh_shape) -> Plan:
-    """Mesh, logical-axis rules (parallelism is data in the config), shapes and shardings."""
+def make_plan(settings: TrainerSettings, task, optimizer, schedule, mesh_shape: dict[str, int]) -> Plan:
+    """Mesh, logical-axis rules (parallelism is data in the config), shapes and shardings of everything."""
     mesh = sharding.make_mesh(mesh_shape)
-    rules = sharding.logical_rules(config)
-    spec_batch = task.batch_spec(config.batch_size)
+    rules = settings.logical_axis_rules
+    spec_batch = task.batch_spec(settings.batch_size)
     batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in spec_batch.items()}
     microbatch_sharding = lambda ndim: jax.sharding.NamedSharding(  # noqa: E731
         mesh, nn.logical_to_mesh_axes((None, "batch") + (None,) * (ndim - 2), rules))
-    optimizer = optim.make_optimizer(config)
-    rng = jax.random.PRNGKey(config.seed)
-    boxed_params = jax.eval_shape(task.init_params, rng, spec_batch)
-    param_shardings = sharding.logical_shardings(boxed_params, mesh, rules)
-    init_fn = functools.partial(init_state, task=task, optimizer=optimizer, ema=config.ema_decay > 0)
-    abstract_state = jax.eval_shape(init_fn, rng, spec_batch)
-    sharding.check_divisible(abstract_state.params, param_shardings, mesh)
-    state_shardings = sharding.mirrored_shardings(abstract_state, abstract_state.params, param_shardings, mesh)
+    rng = jax.random.PRNGKey(settings.seed)
+    ema = settings.ema_decay > 0
+    boxed = jax.eval_shape(functools.partial(state_lib.boxed_init, task=task, optimizer=optimizer, ema=ema),
+                           rng, spec_batch)
+    state_shardings = sharding.state_shardings(boxed, mesh, rules)
+    abstract_state = state_lib.unbox(boxed)
+    sharding.check_divisible(abstract_state, state_shardings, mesh)
+    init_fn = functools.partial(state_lib.init, task=task, optimizer=optimizer, ema=ema)
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
-    return Plan(mesh, rules, batch_shardings, microbatch_sharding, optimizer, rng, spec_batch, init_fn,
-                abstract_state, param_shardings, state_shardings, num_params)
+    return Plan(settings, mesh, rules, batch_shardings, microbatch_sharding, optimizer, schedule, rng, spec_batch,
+                init_fn, abstract_state, state_shardings, num_params)
+
+
+def setup(config, *, num_devices: int | None = None, num_processes: int | None = None):
+    """Reads and checks the whole config before anything compiles: (settings, task, optimizer, schedule,
+    mesh shape). Every key must be read by the trainer, the task or the optimizer (`ReadRecorder`)."""
+    recorder = config_lib.ReadRecorder(config)
+    view = recorder.config
+    settings = config_lib.trainer_settings(view)
+    mesh_shape = config_lib.resolve_mesh_shape(settings.mesh, num_devices or jax.device_count())
+    config_lib.validate_batch(settings, mesh_shape, num_processes or jax.process_count())
+    task = registry.make_task(view)
+    if settings.grad_accum_steps > 1 and not task.loss_is_example_mean:
+        raise ConfigError(f"config: task {settings.task!r} has a loss that is not a mean over examples (e.g. "
+                          "in-batch negatives), so accumulating microbatch gradients would change it; set "
+                          "grad_accum_steps=1 and lower batch_size, or use the task's own chunked gradient")
+    schedule = optim.learning_rate_schedule(view.optimizer, settings.total_steps)
+    optimizer = optim.make_optimizer(view.optimizer, settings.total_steps)
+    recorder.check()
+    return settings, task, optimizer, schedule, mesh_shape
+
+
+def plan_for(config) -> tuple[Any, Plan]:
+    """(task, Plan) of `config` on this machine's devices: `setup`, then `make_plan`."""
+    settings, task, optimizer, schedule, mesh_shape = setup(config)
+    return task, make_plan(settings, task, optimizer, schedule, mesh_shape)
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str, Any]:
     """Trains `config` in `workdir`, resuming from its newest checkpoint.
 
     Args:
-      config: the experiment config (see experiments/gau_lm.py for the keys).
-      workdir: where checkpoints, metrics.jsonl, TensorBoard logs and config.json go.
+      config: the experiment config (see experiments/common.py for the trainer's keys).
+      workdir: where checkpoints, metrics.jsonl, curves.png, TensorBoard events and config.json go.
       stop_at_step: if set, checkpoint and return after this step, as a preempted run would; the
         schedule still follows `config.total_steps`, so a later run resumes exactly.
     Returns:
-      {'eval': the last eval metrics, 'step': the last step trained}.
+      {'eval': the last eval metrics, 'step': the last step trained, 'preempted': bool}.
     """
     # ----------------------------------------------------------------------------------------------
-    # Setup: validate everything that can be validated before compiling.
+    # Setup: read and check everything that can be checked before compiling; one run per workdir.
     # ----------------------------------------------------------------------------------------------
-    config_lib.validate_config(config)
+    config_lib.check_stop_at_step(stop_at_step)
+    settings, task, optimizer, schedule, mesh_shape = setup(config)
     workdir = config_lib.ensure_writable_dir(workdir)
     is_main = jax.process_index() == 0
-    mesh_shape = config_lib.resolve_mesh_shape(config.mesh, jax.device_count())
-    config_lib.validate_batch(config, mesh_shape, jax.process_count())
-    task = tasks.get_task(config)
+    lock = WorkdirLock(workdir)
+    _acquire_everywhere(lock)
+    try:
+        return _train(config, settings, task, optimizer, schedule, mesh_shape, workdir, is_main, stop_at_step)
+    finally:
+        lock.release()
 
+
+def _acquire_everywhere(lock: WorkdirLock) -> None:
+    """Process 0 takes the lock; every process learns whether it did (a collective), so all stop together."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            lock.acquire()
+        except ConfigError as e:
+            error = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        busy = int(multihost_utils.broadcast_one_to_all(np.asarray(error is not None, np.int32)))
+        if busy and error is None:
+            error = ConfigError(f"--workdir: {str(lock.path.parent)!r} is in use by another run (process 0 "
+                                "says which)")
+    if error is not None:
+        raise error
+
+
+def _train(config, settings, task, optimizer, schedule, mesh_shape, workdir, is_main, stop_at_step):
     # ----------------------------------------------------------------------------------------------
     # Mesh, logical-axis rules, shapes and shardings (`jax.eval_shape`: nothing is allocated yet).
     # ----------------------------------------------------------------------------------------------
-    plan = make_plan(config, task, mesh_shape)
-    mesh, rules, batch_shardings = plan.mesh, plan.rules, plan.batch_shardings
-    state_shardings, init_fn, rng = plan.state_shardings, plan.init_fn, plan.rng
+    plan = make_plan(settings, task, optimizer, schedule, mesh_shape)
+    batch_shardings = plan.batch_shardings
 
     # ----------------------------------------------------------------------------------------------
     # Data: each process reads only the rows of each global batch that its devices hold.
     # ----------------------------------------------------------------------------------------------
-    rows = sharding.local_rows(next(iter(batch_shardings.values())), config.batch_size)
+    rows = sharding.local_rows(next(iter(batch_shardings.values())), settings.batch_size)
     train_data, eval_data, data_info = task.datasets(rows)
     train_iter = iter(train_data)
     make_batch = functools.partial(sharding.make_global_batch, shardings=batch_shardings,
-                                   global_batch=config.batch_size)
+                                   global_batch=settings.batch_size)
     flops_per_step = task.model_flops_per_step()
     # A quick peak for the live MFU (0.7 s on a 2-core CPU, where it stops at a 2048² product; the
     # benchmark's 0.2 s-per-product measurement would add 6 s to every start).
-    peak_flops = flops.global_peak_flops(config.model.get("dtype", "float32"), min_seconds=0.05)
+    peak_flops = flops.global_peak_flops(task.compute_dtype, min_seconds=0.05)
 
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(plan.mesh), nn.logical_axis_rules(plan.rules):
         # ------------------------------------------------------------------------------------------
-        # Initialise (sharded from the start) or restore the newest checkpoint.
+        # Compile the steps from shapes, and refuse a step that cannot fit before allocating anything.
         # ------------------------------------------------------------------------------------------
-        checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=config.keep_checkpoints)
+        train_step_fn = plan.compile_train_step(task)
+        memory.check_fits(train_step_fn, what="config: the train step",
+                          hint="lower batch_size or the example size (e.g. data.seq_len), add devices, shard "
+                               "with mesh.fsdp/mesh.model, or set model.remat (and model.scan_layers)")
+        eval_step_fn = plan.jit_eval_step(task)
+
+        # ------------------------------------------------------------------------------------------
+        # Restore the newest usable checkpoint, or initialise (sharded from the start).
+        # ------------------------------------------------------------------------------------------
+        checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=settings.keep_checkpoints)
         try:
             state = checkpointer.restore_newest_usable(plan.sharded_abstract_state(), train_iter)
         except checkpointing.CheckpointMismatchError:  # another run's checkpoints: never trained over
             checkpointer.close()
             raise
-        except checkpointing.CheckpointError:
-            if not config.get("start_fresh_if_checkpoints_unusable", False):
+        except checkpointing.CheckpointError as error:
+            if not (settings.start_fresh_if_checkpoints_unusable
+                    and isinstance(error, checkpointing.NoUsableCheckpointError)):
                 checkpointer.close()  # stops Orbax's background threads before the process exits
                 raise
             log.warning("no usable checkpoint; starting from scratch as start_fresh_if_checkpoints_unusable asks")
@@ -230,60 +295,57 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
         if is_main:  # after the restore: a run refused for another config leaves the workdir's config.json alone
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
         if state is None:
-            state = jax.jit(init_fn, out_shardings=state_shardings)(rng, plan.spec_batch)
+            state = jax.jit(plan.init_fn, out_shardings=plan.state_shardings)(plan.rng, plan.spec_batch)
         start_step = int(state.step)
         metrics_writer = MetricsWriter(workdir, enabled=is_main)
         metrics_writer.truncate_after(start_step)
         if is_main:
             log.info("devices: %d (%s), processes: %d, mesh: %s", jax.device_count(),
                      jax.devices()[0].platform, jax.process_count(), mesh_shape)
-            log.info("task: %s, %s parameters, %s per step (peak %s/s); %s", config.task, f"{plan.num_params:,}",
+            log.info("task: %s, %s parameters, %s per step (peak %s/s); %s", settings.task, f"{plan.num_params:,}",
                      flops.describe(flops_per_step), flops.describe(peak_flops),
                      ", ".join(f"{key}: {value}" for key, value in data_info.items()))
             log.info("%s at step %d", "resuming" if resumed else "starting", start_step)
 
-        # ------------------------------------------------------------------------------------------
-        # Jitted steps with explicit shardings; the state is donated (updated in place).
-        # ------------------------------------------------------------------------------------------
-        jit_train_step, jit_eval_step = plan.jit_train_step(task, config), plan.jit_eval_step(task)
-
-        def run_eval(step: int) -> dict[str, float]:
-            results = evaluate(jit_eval_step, state.params, eval_data, make_batch, task)
+        def run_eval(step: int) -> dict[str, float]:  # on every process: the eval step is a collective
+            results = evaluate(eval_step_fn, state.params, eval_data, make_batch, task)
             if state.ema_params is not None:
-                ema = evaluate(jit_eval_step, state.ema_params, eval_data, make_batch, task)
+                ema = evaluate(eval_step_fn, state.ema_params, eval_data, make_batch, task)
                 results.update({f"ema_{k}": v for k, v in ema.items()})
             metrics_writer.write(step, "eval", results)
+            if is_main:
+                plot_curves(workdir)
             return results
 
         # ------------------------------------------------------------------------------------------
         # Loop: log every log_every_steps, evaluate every eval_every_steps, checkpoint every
         # checkpoint_every_steps and at the end. A non-finite loss stops the run (or is skipped).
         # ------------------------------------------------------------------------------------------
-        progress = ProgressBar(total=config.total_steps, initial=start_step, unit=task.throughput_unit,
+        progress = ProgressBar(total=settings.total_steps, initial=start_step, unit=task.throughput_unit,
                                enabled=is_main)
         watcher = preemption.PreemptionWatcher().__enter__()
         pending: list[dict[str, jax.Array]] = []  # device metrics since the last log
         previous = None  # the last step's metrics, checked for non-finite values one step later
         eval_results: dict[str, float] = {}
         timer_start, timer_steps = None, 0
-        last_step = config.total_steps if stop_at_step is None else min(stop_at_step, config.total_steps)
+        last_step = settings.total_steps if stop_at_step is None else min(stop_at_step, settings.total_steps)
         preempted_by = None
         try:
             for step in range(start_step + 1, last_step + 1):
-                state, metrics = jit_train_step(state, make_batch(next(train_iter)))
+                state, metrics = train_step_fn(state, make_batch(next(train_iter)))
                 # Check the previous step while this one runs: one step of lag keeps dispatch asynchronous.
                 if previous is not None:
-                    _check_finite(previous, step - 1, config)
+                    _check_finite(previous, step - 1, settings)
                 previous = metrics
                 pending.append(metrics)
                 progress.update()
-                if timer_start is None:  # time from the end of the first (compiling) step
+                if timer_start is None:  # time from the end of the first step
                     jax.block_until_ready(metrics["loss"])
                     timer_start, timer_steps = time.perf_counter(), 0
                 else:
                     timer_steps += 1
 
-                if step % config.log_every_steps == 0 or step == last_step:
+                if step % settings.log_every_steps == 0 or step == last_step:
                     host = jax.device_get(pending)
                     elapsed = time.perf_counter() - timer_start
                     throughput = timer_steps * task.units_per_batch / elapsed if timer_steps else float("nan")
@@ -296,41 +358,58 @@ def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None)
                     progress.show(summary["loss"], throughput)
                     pending = []
                     timer_start, timer_steps = time.perf_counter(), 0
-                if step % config.eval_every_steps == 0 or step == config.total_steps:
+                if step % settings.eval_every_steps == 0 or step == settings.total_steps:
                     eval_results = run_eval(step)
                     progress.write(f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in eval_results.items()))
                     timer_start, timer_steps = time.perf_counter(), 0
                 stop_now = watcher.should_stop(step)
-                if step % config.checkpoint_every_steps == 0 or step == last_step or stop_now:
-                    _check_finite(metrics, step, config)  # never checkpoint a step that failed
+                if step % settings.checkpoint_every_steps == 0 or step == last_step or stop_now:
+                    _check_finite(metrics, step, settings)  # never checkpoint a step that failed
                     checkpointer.save(step, state, train_iter)
                 if stop_now:
                     preempted_by, last_step = watcher.signal_name, step
                     break
             if previous is not None:
-                _check_finite(previous, last_step, config)
+                _check_finite(previous, last_step, settings)
         finally:
-            # ------------------------------------------------------------------------------------------
+            # --------------------------------------------------------------------------------------
             # Wait for the asynchronous checkpoint writes (also when stopping on an error).
-            # ------------------------------------------------------------------------------------------
+            # --------------------------------------------------------------------------------------
             watcher.__exit__()
             progress.close()
             checkpointer.wait_until_finished()
             checkpointer.close()
             metrics_writer.close()
-        if preempted_by:
-            log.warning("%s: stopped after step %d with a checkpoint; rerun the same command to continue",
-                        preempted_by, last_step)
-            return {"eval": eval_results, "step": last_step, "preempted": True}
-        if is_main and last_step == config.total_steps:
-            report = task.final_report(state.ema_params if state.ema_params is not None else state.params)
-            print(f"{report}\n\nmetrics:     {workdir / 'metrics.jsonl'}\ntensorboard: {workdir / 'tensorboard'}"
-                  f"  (tensorboard --logdir {workdir / 'tensorboard'})\ncheckpoints: {workdir / 'checkpoints'}")
-    return {"eval": eval_results, "step": last_step, "preempted": False}
+
+        # The parameters for the report are gathered to every host: a collective all processes join.
+        finished = not preempted_by and last_step == settings.total_steps
+        if finished:
+            params = sharding.host_local(state.ema_params if state.ema_params is not None else state.params)
+
+    # ----------------------------------------------------------------------------------------------
+    # Report: process 0 alone, outside the mesh (so its computations stay on its own devices and no
+    # process waits on another), from host-local parameters.
+    # ----------------------------------------------------------------------------------------------
+    report = ""
+    if finished and is_main:
+        plot_curves(workdir)
+        report = task.final_report(params)
+    if preempted_by:
+        log.warning("%s: stopped after step %d with a checkpoint; rerun the same command to continue",
+                    preempted_by, last_step)
+    elif not finished:
+        log.warning("--stop_at_step=%d: stopped after step %d of %d with a checkpoint; rerun the same command "
+                    "without --stop_at_step to continue", stop_at_step, last_step, settings.total_steps)
+    elif is_main:
+        print(f"{report}\n\n" if report else "", end="")
+        print(f"metrics:     {workdir / 'metrics.jsonl'} (curves: {workdir / 'curves.png'})\n"
+              f"tensorboard: {workdir / 'tensorboard'} (event files; view with `pip install tensorboard`, then "
+              f"`tensorboard --logdir {workdir / 'tensorboard'}`)\ncheckpoints: {workdir / 'checkpoints'}")
+    return {"eval": eval_results, "step": last_step, "preempted": bool(preempted_by)}
 
 
-def _check_finite(metrics: dict[str, Any], step: int, config) -> None:
+def _check_finite(metrics: dict[str, Any], step: int, settings: TrainerSettings) -> None:
     """Raises NonFiniteLossError if `step` was non-finite, unless the config skips such steps."""
-    if not config.skip_nonfinite_steps and float(metrics["nonfinite"]) > 0:
+    if not settings.skip_nonfinite_steps and float(metrics["nonfinite"]) > 0:
         raise NonFiniteLossError(f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); "
                                  "its update was not applied and the newest checkpoint is the last good one")

@@ -1,10 +1,11 @@
-"""XLA:CPU performance defaults per task, applied by the CLIs before JAX starts a backend.
+"""XLA:CPU performance flags of a task family, applied by the CLIs before JAX starts a backend.
 
-On the CPU, XLA 0.10's YNNPACK integration also takes over elementwise and reduction fusions. For the
-diffusion U-Net (many small convolutions, GroupNorms and SiLUs) keeping YNNPACK for the matmuls only
-makes the `unet_peer` train step about 30% faster on a 2-core AVX2 CPU (128 → 91 ms; README "Performance");
-for the FLASH LM it is about 5% slower, so the LM tasks keep XLA's defaults. The flags only concern CPU
-compilation; JAX reads `XLA_FLAGS` when it starts its first backend, so they must be set before that.
+A task class names the flags measured to help it (`Task.xla_cpu_flags`). On the CPU, XLA 0.10's YNNPACK
+integration also takes over elementwise and reduction fusions. For the diffusion U-Net (many small
+convolutions, GroupNorms and SiLUs) keeping YNNPACK for the matmuls only makes the `unet_peer` train step
+about 30% faster on a 2-core AVX2 CPU (128 → 91 ms; README "Performance"); for the FLASH LM it is about 5%
+slower, so the LM tasks keep XLA's defaults. The flags only concern CPU compilation; JAX reads `XLA_FLAGS`
+when it starts its first backend, so they must be set before that.
 
 A flag already present in `XLA_FLAGS` is left as the user set it. The defaults are applied only for
 the jaxlib versions they were measured with (an unknown flag aborts XLA), and never when
@@ -15,27 +16,24 @@ from __future__ import annotations
 import importlib.metadata
 import os
 
-TASK_DEFAULTS: dict[str, dict[str, str]] = {
-    "diffusion": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"},
-}
-MEASURED_JAXLIB = ("0.10.",)  # jaxlib version prefixes the defaults were measured with (and exist in)
+MEASURED_JAXLIB = ("0.10.",)  # jaxlib version prefixes the flags were measured with (and exist in)
 
 
-def default_flags(task: str) -> dict[str, str]:
-    """The defaults for `task` that apply to the installed jaxlib ({} for other versions)."""
+def applicable(task_flags: dict[str, str]) -> dict[str, str]:
+    """`task_flags` if the installed jaxlib is one they were measured with, else {}."""
     try:
         version = importlib.metadata.version("jaxlib")
     except importlib.metadata.PackageNotFoundError:
         return {}
-    return dict(TASK_DEFAULTS.get(task, {})) if version.startswith(MEASURED_JAXLIB) else {}
+    return dict(task_flags) if version.startswith(MEASURED_JAXLIB) else {}
 
 
-def apply_defaults(task: str, environ=os.environ) -> str:
-    """Appends `task`'s defaults missing from `XLA_FLAGS` (unless KEXUE_XLA_DEFAULTS=0); returns XLA_FLAGS."""
+def apply_defaults(task_flags: dict[str, str], environ=os.environ) -> str:
+    """Appends the flags missing from `XLA_FLAGS` (unless KEXUE_XLA_DEFAULTS=0); returns XLA_FLAGS."""
     current = environ.get("XLA_FLAGS", "")
     if environ.get("KEXUE_XLA_DEFAULTS", "1") == "0":
         return current
-    extra = [f"--{name}={value}" for name, value in default_flags(task).items() if f"--{name}=" not in current]
+    extra = [f"--{name}={value}" for name, value in applicable(task_flags).items() if f"--{name}=" not in current]
     if extra:
         environ["XLA_FLAGS"] = " ".join([current, *extra]).strip()
     return environ.get("XLA_FLAGS", "")

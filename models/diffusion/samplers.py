@@ -126,19 +126,31 @@ def reverse_mean(process: ReverseProcess, schedule: Schedule, i, x_t, x0, eps):
     return jnp.where(process.ddim_mean, ddim, posterior)
 
 
-def predict(model_fn, params, x_t, schedule: Schedule, i, *, labels, prediction: str, clip_x0: bool):
-    """(ε̂, x̂₀) at step i; with `clip_x0`, x̂₀ is clipped to [−1, 1] and ε̂ recomputed to match it."""
+def predict(model_fn, params, x_t, schedule: Schedule, i, *, labels, prediction: str, clip_x0: bool,
+            eps_from_clipped_x0: bool = True):
+    """(ε̂, x̂₀) at step i. With `clip_x0`, x̂₀ is clipped to [−1, 1], and with `eps_from_clipped_x0` ε̂ is
+    recomputed to match it, (xₜ − √ᾱ x̂₀)/√(1 − ᾱ) (guided-diffusion's convention); without, ε̂ stays the
+    network's (Analytic-DPM's official code, whose DDIM direction term uses the raw ε̂)."""
     t = jnp.full((x_t.shape[0],), schedule.timesteps[i], jnp.int32)
     output = model_fn(params, x_t, t, labels=labels)
     eps, x0 = pred_lib.eps_and_x0(output, x_t, schedule.alpha_bar[i], prediction)
     if clip_x0:
         x0 = jnp.clip(x0, -1.0, 1.0)
-        eps = pred_lib.eps_from_x0(x_t, x0, schedule.alpha_bar[i])
+        if eps_from_clipped_x0:
+            eps = pred_lib.eps_from_x0(x_t, x0, schedule.alpha_bar[i])
     return eps, x0
 
 
+def pixel_sigma2_cap(pixels: float, levels: int) -> float:
+    """σ² whose mean absolute noise E|σz| = σ√(2/π) is `pixels` grey levels of width 2/(levels − 1):
+    (pixels · 2/(levels − 1) · √(π/2))². Analytic-DPM's code caps the second-to-last step's σ² at this
+    (`clip_pixel` 2 for its linear-schedule CIFAR-10 Analytic-DDPM, 1 elsewhere, with 256 levels)."""
+    return float((pixels * 2.0 / (levels - 1) * np.sqrt(np.pi / 2.0)) ** 2)
+
+
 def sample(model_fn, params, rng, *, schedule: Schedule, shape: tuple[int, ...], method: str = "ddpm_beta_tilde",
-           eta: float = 0.0, gamma=None, labels=None, x_T=None, prediction: str = "eps", clip_x0: bool = False):
+           eta: float = 0.0, gamma=None, labels=None, x_T=None, prediction: str = "eps", clip_x0: bool = False,
+           eps_from_clipped_x0: bool = True, second_last_sigma2_cap: float | None = None):
     """Draw samples `[*shape]` by running `method` over the K steps of `schedule` (jitted `lax.scan`).
 
     Args:
@@ -147,20 +159,29 @@ def sample(model_fn, params, rng, *, schedule: Schedule, shape: tuple[int, ...],
       schedule: full or respaced `Schedule`. method: a key of `SAMPLERS`. eta: DDIM's η.
       gamma: Γ per step `[K]` for the analytic methods. x_T: optional starting noise `[*shape]`.
       clip_x0: clip x̂₀ to [−1, 1] at every step (off for exact DDIM inversion and likelihoods).
+      eps_from_clipped_x0: with `clip_x0`, recompute ε̂ from the clipped x̂₀ (see `predict`); False is the
+        official Analytic-DPM code's DDIM. The posterior-mean (DDPM) samplers use x̂₀ and xₜ only.
+      second_last_sigma2_cap: cap σ² of step i = 1 (to the first timestep, the last noisy step) at this
+        value, as Analytic-DPM's code does in sampling (`pixel_sigma2_cap`); None: no cap. Likelihoods
+        (`models.diffusion.likelihood`) never cap.
     Returns: x₀ samples `[*shape]` float32. All methods share one compilation per (model_fn, shape).
     """
     pred_lib.check_prediction(prediction)
     process = reverse_process(schedule, method, eta=eta, gamma=gamma)
-    return _sample(model_fn, params, rng, schedule, process, labels, x_T, tuple(shape), prediction, clip_x0)
+    if second_last_sigma2_cap is not None and schedule.num_steps > 1:
+        process = process._replace(sigma2=process.sigma2.at[1].min(second_last_sigma2_cap))
+    return _sample(model_fn, params, rng, schedule, process, labels, x_T, tuple(shape), prediction, clip_x0,
+                   eps_from_clipped_x0)
 
 
-@functools.partial(jax.jit, static_argnames=("model_fn", "shape", "prediction", "clip_x0"))
-def _sample(model_fn, params, rng, schedule, process, labels, x_T, shape, prediction, clip_x0):
+@functools.partial(jax.jit, static_argnames=("model_fn", "shape", "prediction", "clip_x0", "eps_from_clipped_x0"))
+def _sample(model_fn, params, rng, schedule, process, labels, x_T, shape, prediction, clip_x0, eps_from_clipped_x0):
     x_key, noise_key = jax.random.split(rng)
     x = jax.random.normal(x_key, shape, jnp.float32) if x_T is None else jnp.asarray(x_T, jnp.float32)
 
     def step(x, i):
-        eps, x0 = predict(model_fn, params, x, schedule, i, labels=labels, prediction=prediction, clip_x0=clip_x0)
+        eps, x0 = predict(model_fn, params, x, schedule, i, labels=labels, prediction=prediction, clip_x0=clip_x0,
+                          eps_from_clipped_x0=eps_from_clipped_x0)
         mean = reverse_mean(process, schedule, i, x, x0, eps)
         z = jax.random.normal(jax.random.fold_in(noise_key, i), shape, jnp.float32)
         std = jnp.where(i > 0, jnp.sqrt(process.sigma2[i]), 0.0)

@@ -153,3 +153,51 @@ def test_analytic_samplers_validate_gamma():
                         method="analytic_ddim", gamma=np.zeros(5))
     with pytest.raises(ValueError, match="Unknown sampler"):
         samplers.reverse_process(K10, "euler")
+
+
+def _ddim_reference(model_fn, x_T, schedule, *, eps_from_clipped_x0: bool):
+    """DDIM η = 0 with x̂₀ clipped to [−1, 1], float64: the direction term uses ε recomputed from the clipped x̂₀
+    (guided-diffusion) or the network's own ε (the official Analytic-DPM code, `reverse_ddim.py`)."""
+    x = np.asarray(x_T, np.float64)
+    ab_all = oracles.ALPHA_BAR64[np.asarray(schedule.timesteps) - 1]
+    for i in reversed(range(schedule.num_steps)):
+        ab, abp = ab_all[i], (ab_all[i - 1] if i > 0 else 1.0)
+        t = jnp.full((x.shape[0],), schedule.timesteps[i], jnp.int32)
+        eps = np.asarray(model_fn(None, jnp.asarray(x, jnp.float32), t), np.float64)
+        x0 = np.clip((x - np.sqrt(1 - ab) * eps) / np.sqrt(ab), -1.0, 1.0)
+        if eps_from_clipped_x0:
+            eps = (x - np.sqrt(ab) * x0) / np.sqrt(1 - ab)
+        x = np.sqrt(abp) * x0 + np.sqrt(1 - abp) * eps
+    return x
+
+
+@pytest.mark.parametrize("eps_from_clipped_x0", [True, False])
+def test_clipped_ddim_follows_either_convention(eps_from_clipped_x0):
+    x_T = 3.0 * jax.random.normal(jax.random.PRNGKey(7), SHAPE)  # large: x̂₀ leaves [−1, 1] and is clipped
+    got = samplers.sample(oracles.scaled_input, None, jax.random.PRNGKey(0), schedule=K10, shape=SHAPE, method="ddim",
+                          x_T=x_T, clip_x0=True, eps_from_clipped_x0=eps_from_clipped_x0)
+    want = _ddim_reference(oracles.scaled_input, x_T, K10, eps_from_clipped_x0=eps_from_clipped_x0)
+    other = _ddim_reference(oracles.scaled_input, x_T, K10, eps_from_clipped_x0=not eps_from_clipped_x0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert np.abs(want - other).max() > 1e-2  # the two conventions really differ here
+
+
+def test_second_last_sigma_cap_changes_only_that_step():
+    """The cap of Analytic-DPM's code: σ² of the step to the first timestep at most (k · 2/(L−1) · √(π/2))²."""
+    np.testing.assert_allclose(samplers.pixel_sigma2_cap(2, 256), (2 * 2 / 255 * np.sqrt(np.pi / 2)) ** 2, rtol=1e-12)
+    np.testing.assert_allclose(samplers.pixel_sigma2_cap(1, 256), 9.6627e-5, rtol=1e-4)  # clip_pixel=1 in the code
+    cap = samplers.pixel_sigma2_cap(1, 17)
+    rng, x_T = jax.random.PRNGKey(8), jax.random.normal(jax.random.PRNGKey(9), SHAPE)
+    plain = samplers.sample(oracles.gaussian_eps, None, rng, schedule=K10, shape=SHAPE, method="ddpm_beta", x_T=x_T)
+    capped = samplers.sample(oracles.gaussian_eps, None, rng, schedule=K10, shape=SHAPE, method="ddpm_beta", x_T=x_T,
+                             second_last_sigma2_cap=cap)
+    # With the same noise, only step 1's noise term is scaled, by √(cap/β₁); the last step (to x₀) is
+    # linear in x with coefficient c = posterior_mean_coef_xt[0] + the x₀ coefficient's share of it.
+    beta1 = float(K10.beta[1])
+    assert cap < beta1
+    z1 = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.split(rng)[1], 1), SHAPE), np.float64)
+    ab1 = oracles.ALPHA_BAR64[int(K10.timesteps[0]) - 1]
+    # x₀ = (x₁ − √(1−ᾱ₁) ε̂(x₁))/√ᾱ₁ with ε̂ of the Gaussian oracle linear in x₁: ε̂ = √(1−ᾱ₁) x₁/(ᾱ₁s² + 1 − ᾱ₁).
+    slope = (1 - (1 - ab1) / (ab1 * oracles.SCALE**2 + 1 - ab1)) / np.sqrt(ab1)
+    np.testing.assert_allclose(np.asarray(plain) - np.asarray(capped),
+                               slope * (np.sqrt(beta1) - np.sqrt(cap)) * z1, rtol=2e-3, atol=2e-5)

@@ -112,7 +112,7 @@ def test_flash_decode_state_equals_full_forward(normalizer):
 
 def test_flash_language_model_decoding_equals_full_forward():
     """The LM threads positions and per-layer states: a prompt, then single tokens across chunk borders."""
-    from train_lib.generate import init_cache
+    from train_lib.lm.decoding import init_cache
     model, params = tiny_model(attention="flash", chunk_size=4, normalizer="relu2_paper")
     # constant size: the state of a 4096-token cache is the state of a 16-token one
     assert jax.tree.map(jnp.shape, init_cache(model, 2, 16)) == jax.tree.map(jnp.shape, init_cache(model, 2, 4096))
@@ -131,7 +131,7 @@ def test_flash_language_model_decoding_equals_full_forward():
 
 @pytest.mark.slow
 def test_flash_generation_equals_full_forward():
-    from train_lib.generate import generate_tokens
+    from train_lib.lm.decoding import generate_tokens
     model, params = tiny_model(attention="flash", chunk_size=4, normalizer="relu2_paper")
     prompt = jnp.array([[100, 101, 102]], jnp.int32)
     new, logits = generate_tokens(model, params, prompt, jax.random.PRNGKey(0), max_new_tokens=6,

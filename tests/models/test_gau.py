@@ -112,7 +112,7 @@ def test_kv_cache_decoding_equals_full_forward(normalizer):
     model, params = tiny_model(normalizer=normalizer, train_length=12)
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, 12), 0, 256)
     full = model.apply({"params": params}, tokens)
-    from train_lib.generate import init_cache
+    from train_lib.lm.decoding import init_cache
     # relu2_paper divides by the sequence length n, which under decoding is the cache length.
     cache = init_cache(model, 2, 12 if normalizer == "relu2_paper" else 16)
     pieces = []
@@ -127,7 +127,7 @@ def test_kv_cache_decoding_equals_full_forward(normalizer):
 
 
 def test_generate_tokens_logits_equal_full_forward():
-    from train_lib.generate import generate_tokens
+    from train_lib.lm.decoding import generate_tokens
     model, params = _model_and_params("softmax")
     prompt = jnp.array([[100, 101, 102]], jnp.int32)
     tokens, logits = generate_tokens(model, params, prompt, jax.random.PRNGKey(0), max_new_tokens=6,
@@ -269,8 +269,8 @@ def test_scanned_layers_equal_the_unrolled_stack(attention, remat):
     attention maps."""
     import dataclasses
     from models.gau import stack_layer_params
-    from train_lib.evaluate import capture_attention
-    from train_lib.generate import generate_tokens
+    from train_lib.lm.evaluate import capture_attention
+    from train_lib.lm.decoding import generate_tokens
     model, params = tiny_model(attention=attention, chunk_size=4)
     scanned = GAULanguageModel(dataclasses.replace(model.config, scan_layers=True, remat=remat))
     stacked = stack_layer_params(params, 2)

@@ -130,7 +130,7 @@ def test_auto_is_xla_on_cpu_and_pallas_rejects_other_normalizers():
 
 def test_task_config_validates_attention_impl():
     from tests.train_lib.conftest import make_config
-    from train_lib import tasks
+    from train_lib.lm import task as tasks
     assert tasks.model_config(make_config()).attention_impl in ("xla", "auto")
     with pytest.raises(tasks.ConfigError, match="'model.attention_impl' is 'triton'"):
         tasks.model_config(make_config(model__attention_impl="triton"))

@@ -32,10 +32,10 @@ def read_metrics(workdir, split="train"):
     return [r for r in rows if r["split"] == split]
 
 
-def run_cli(args, *, devices=8, timeout=300, module="train_lib.main"):
+def run_cli(args, *, devices=8, timeout=300, module="train_lib.main", cwd=REPO):
     """Runs `python -m module args` with `devices` fake CPU devices; returns the CompletedProcess."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 

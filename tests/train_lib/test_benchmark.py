@@ -10,7 +10,9 @@ import pytest
 from experiments import ddpm_digits
 from models.gau import GAUConfig, GAULanguageModel
 from tests.train_lib.conftest import TEST_OVERRIDES, cli_overrides, make_config, read_metrics, run_cli
-from train_lib import flops, tasks, trainer
+from train_lib import flops, registry, trainer
+from train_lib.lm import flops as lm_flops
+from train_lib.lm.task import LanguageModelTask
 
 
 @pytest.mark.parametrize("attention", ["gau", "flash", "performer"])
@@ -23,14 +25,14 @@ def test_lm_closed_form_equals_the_jaxpr_count(attention, causal, length):
     tokens = jax.ShapeDtypeStruct((2, length), jnp.int32)
     params = jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)["params"]
     counted = flops.count_matmul_flops(lambda p, t: model.apply({"params": nn.unbox(p)}, t), params, tokens)
-    assert counted == pytest.approx(2 * length * flops.lm_forward_flops_per_token(cfg, length), rel=1e-9)
+    assert counted == pytest.approx(2 * length * lm_flops.lm_forward_flops_per_token(cfg, length), rel=1e-9)
 
 
 def test_gau_closed_form_by_hand():
     # d=4, e=8, s=2, n=3, V=5, one layer: projections 2(4·16 + 4·2 + 8·4) = 208, attention 2·3·2 + 2·3·8 = 60,
     # output layer 2·4·5 = 40.
     cfg = GAUConfig(num_layers=1, embed_dim=4, key_dim=2, vocab_size=5)
-    assert flops.lm_forward_flops_per_token(cfg, 3) == 208 + 60 + 40
+    assert lm_flops.lm_forward_flops_per_token(cfg, 3) == 208 + 60 + 40
 
 
 def test_jaxpr_count_of_dots_convolutions_and_scans():
@@ -53,10 +55,11 @@ def test_jaxpr_count_of_dots_convolutions_and_scans():
 
 
 def test_unet_count_is_three_forwards_and_covers_its_edge_convolutions():
-    """The diffusion task's step count is 3× its forward count, which exceeds the U-Net's input and output
-    convolutions counted by hand (convolution counting itself is checked exactly above)."""
+    """The diffusion task's step count (TaskBase's default: 3× the loss's count) is 3× its U-Net forward count,
+    which exceeds the U-Net's input and output convolutions counted by hand (convolution counting itself is
+    checked exactly above)."""
     config = ddpm_digits.get_config("tiny")
-    task = tasks.get_task(config)
+    task = registry.make_task(config)
     counted = task.forward_flops(4)
     # tiny: 8 channels, mults (1, 2) on 8×8 → input conv 1→8 and output conv 8→1 alone at 8×8:
     edge = 2 * 4 * 64 * 9 * (1 * 8 + 8 * 1)
@@ -91,7 +94,7 @@ def test_benchmark_cli_reports_step_time_flops_and_mfu():
                      devices=2, module="train_lib.benchmark")
     assert result.returncode == 0, result.stderr[-2000:]
     out = _last_json(result.stdout)
-    task = tasks.get_task(make_config(model__attention="flash", model__norm="scalenorm"))
+    task = registry.make_task(make_config(model__attention="flash", model__norm="scalenorm"))
     assert out["model_flops_per_step"] == pytest.approx(task.model_flops_per_step())
     assert out["tokens_per_sec"] == pytest.approx(TEST_OVERRIDES["batch_size"] * 32 / (out["step_ms"] / 1e3))
     assert out["mfu"] == pytest.approx(out["model_flops_per_step"] / (out["step_ms"] / 1e3) / out["peak_flops"])
@@ -122,7 +125,7 @@ def test_compile_only_reports_compile_time_and_memory_and_scan_with_remat_saves_
 
     def no_data(*args, **kwargs):
         raise AssertionError("--compile_only read data")
-    monkeypatch.setattr(tasks.LanguageModelTask, "datasets", no_data)
+    monkeypatch.setattr(LanguageModelTask, "datasets", no_data)
     config = make_config(model__num_layers=4, batch_size=32, data__seq_len=128)
     before = {id(a) for a in jax.live_arrays()}
     result = benchmark.compile_train_step(config, name="tiny", ab_overrides={"model.scan_layers": True,
@@ -130,7 +133,7 @@ def test_compile_only_reports_compile_time_and_memory_and_scan_with_remat_saves_
     allocated = sum(a.nbytes for a in jax.live_arrays() if id(a) not in before)
     assert allocated < 1024  # the PRNG key at most: the 0.4M-parameter state was never created
     assert result["compile_s"] > 0 and result["ab_compile_s"] > 0 and "step_ms" not in result
-    assert result["model_flops_per_step"] == pytest.approx(tasks.get_task(config).model_flops_per_step())
+    assert result["model_flops_per_step"] == pytest.approx(registry.make_task(config).model_flops_per_step())
     assert 0 < result["ab_peak_memory_bytes"] < 0.7 * result["peak_memory_bytes"]
     table = benchmark.format_compile_table(result)
     assert "compile (not run)" in table and "model.scan_layers=True" in table
@@ -146,7 +149,7 @@ def test_benchmark_cli_times_the_diffusion_sampler_too(monkeypatch):
     config = ddpm_digits.get_config("tiny")
     assert out["images_per_sec"] == pytest.approx(config.batch_size / (out["step_ms"] / 1e3))
     assert out["sample_images_per_sec"] == pytest.approx(8 / (out["sample_step_ms"] / 1e3))
-    assert out["model_flops_per_step"] == pytest.approx(tasks.get_task(config).model_flops_per_step())
+    assert out["model_flops_per_step"] == pytest.approx(registry.make_task(config).model_flops_per_step())
 
 
 def test_benchmark_cli_rejects_bad_flags_in_one_line():
@@ -157,7 +160,11 @@ def test_benchmark_cli_rejects_bad_flags_in_one_line():
 def test_flash_speed_study_runs_and_flash_memory_does_not_grow_with_length():
     from experiments import flash_speed
 
-    table, results = flash_speed.run(flash_speed.get_config("quick"))
+    from train_lib import config_lib
+
+    recorder = config_lib.ReadRecorder(flash_speed.get_config("quick"))
+    table, results = flash_speed.run(recorder.config)
+    assert recorder.unread() == []  # every key of the study's config was used
     memory = {(r["model"], r["seq_len"]): r["peak_memory_bytes"] for r in results}
     assert "| flash | 128 |" in table and "| gau | 64 |" in table
     # Same tokens per step: quadratic GAU's n×n scores double from n=64 to 128, FLASH's chunks stay C×C.
@@ -168,13 +175,14 @@ def test_xla_defaults_per_task_respect_the_user_and_the_opt_out():
     from train_lib import xla_flags
 
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    flags_now = xla_flags.apply_defaults("diffusion", env)
+    diffusion = registry.task_class("diffusion").xla_cpu_flags
+    flags_now = xla_flags.apply_defaults(diffusion, env)
     assert flags_now.startswith("--xla_force_host_platform_device_count=2 --xla_cpu_experimental_ynn_fusion_type=")
-    assert xla_flags.apply_defaults("diffusion", env) == flags_now  # idempotent
-    assert xla_flags.apply_defaults("lm", {"XLA_FLAGS": ""}) == ""
+    assert xla_flags.apply_defaults(diffusion, env) == flags_now  # idempotent
+    assert xla_flags.apply_defaults(registry.task_class("lm").xla_cpu_flags, {"XLA_FLAGS": ""}) == ""
     mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_DOT"}
-    assert xla_flags.apply_defaults("diffusion", mine) == mine["XLA_FLAGS"]
-    assert xla_flags.apply_defaults("diffusion", {"KEXUE_XLA_DEFAULTS": "0"}) == ""
+    assert xla_flags.apply_defaults(diffusion, mine) == mine["XLA_FLAGS"]
+    assert xla_flags.apply_defaults(diffusion, {"KEXUE_XLA_DEFAULTS": "0"}) == ""
 
 
 def test_peer_comparison_derives_the_peers_mfu_from_the_same_flops_and_peak():

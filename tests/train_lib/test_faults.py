@@ -219,3 +219,51 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint(tmp_path):
     assert final.returncode == 0, final.stderr[-3000:]
     trainer.train_and_evaluate(make_config(**overrides), str(tmp_path / "reference"))
     assert _losses(workdir) == _losses(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 12.00GiB."),
+    OSError(5, "Input/output error"),  # EIO: a storage hiccup
+], ids=["out_of_memory", "transient_storage_error"])
+def test_a_restore_failing_for_another_reason_stops_and_moves_nothing(tmp_path, monkeypatch, error):
+    """Only checkpoints shown to be damaged are moved aside: here the files read back whole, so the run stops
+    with the error and the next start, once the cause is gone, resumes from the same checkpoint."""
+    from train_lib import checkpointing
+
+    config = lambda: make_config(total_steps=9, checkpoint_every_steps=3)  # noqa: E731
+    trainer.train_and_evaluate(config(), str(tmp_path), stop_at_step=6)
+    attempts = []
+
+    def failing(self, step, abstract_state, with_data):
+        attempts.append(step)
+        raise error
+    monkeypatch.setattr(checkpointing.Checkpointer, "_restore_items", failing)
+    with pytest.raises(checkpointing.CheckpointRestoreError) as info:
+        trainer.train_and_evaluate(config(), str(tmp_path))
+    message = str(info.value)
+    assert message.startswith(f"restoring checkpoint {tmp_path / 'checkpoints' / '6'} failed ({type(error).__name__}: ")
+    assert str(error) in message and "not damaged and was left in place" in message
+    assert attempts == [6] and _steps(tmp_path) == [3, 6] and not (tmp_path / "damaged_checkpoints").exists()
+    monkeypatch.undo()
+    result = trainer.train_and_evaluate(config(), str(tmp_path))
+    assert result["step"] == 9 and sorted(_losses(tmp_path)) == list(range(1, 10))
+
+
+def test_damage_evidence_reads_the_files_back():
+    """The evidence comes from reading the checkpoint's files, not from the failed restore's exception."""
+    import shutil
+    import tempfile
+
+    from train_lib import checkpointing
+
+    workdir = pathlib.Path(tempfile.mkdtemp()) / "run"
+    shutil.copytree(REPO / "tests" / "fixtures" / "lm_workdir_2b2d81e", workdir)
+    checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=3)
+    try:
+        assert checkpointer.damage_evidence(2) is None  # intact
+        _damage(workdir / "checkpoints" / "2", "truncate")
+        evidence = checkpointer.damage_evidence(2)
+        assert evidence and ("OUT_OF_RANGE" in evidence or "FAILED_PRECONDITION" in evidence), evidence
+    finally:
+        checkpointer.close()
+        shutil.rmtree(workdir.parent)

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import portpicker
+import pytest
 
 from tests.train_lib.conftest import REPO, cli_overrides, read_metrics, run_cli
 
@@ -31,6 +32,7 @@ def test_two_processes_match_one_process_and_their_checkpoint_restores_in_one(tm
     outputs = [p.communicate(timeout=400) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-3000:]
+    assert "--stop_at_step=6: stopped after step 6 of 9 with a checkpoint; rerun the same command" in outputs[0][1]
     one = run_cli([*ARGS, f"--workdir={tmp_path / 'one'}", *cli_overrides(total_steps=9)], devices=4)
     assert one.returncode == 0, one.stderr[-3000:]
     two, single = _losses(tmp_path / "two"), _losses(tmp_path / "one")
@@ -60,3 +62,62 @@ def test_survivor_exits_with_error_when_the_other_process_dies(tmp_path):
     assert procs[0].returncode != 0
     assert time.time() - killed_at < 90
     assert "another task died" in err or "unhealthy" in err or "error" in err.lower(), err[-3000:]
+
+
+def _start_experiment(workdir, process_id, port, experiment, overrides):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    args = [sys.executable, "-m", "train_lib.main", f"--config={experiment}", f"--workdir={workdir}",
+            *[f"--config.{k}={v}" for k, v in overrides.items()], f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2", f"--process_id={process_id}"]
+    return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+# Both runs reach total_steps, evaluate at the last step (always) and print the end-of-run report, which is
+# computed on process 0 from parameters gathered to every host.
+FINISHING = {
+    "lm": ("experiments/gau_lm.py:tiny", {**{k.replace("__", "."): v for k, v in {
+        "total_steps": 6, "batch_size": 8, "log_every_steps": 1, "eval_every_steps": 3, "eval_batches": 2,
+        "checkpoint_every_steps": 3, "final_sample_tokens": 16, "data.seq_len": 32, "model.num_layers": 2,
+        "model.embed_dim": 32, "model.key_dim": 16, "optimizer.warmup_steps": 2}.items()}, "mesh.data": 4},
+           "Sample (prompt 'def '"),
+    "diffusion": ("experiments/ddpm_digits.py:tiny", {"total_steps": 4, "batch_size": 16, "eval_every_steps": 2,
+                                                     "eval_batches": 1, "checkpoint_every_steps": 2,
+                                                     "optimizer.warmup_steps": 2, "sample.report_samples": 2,
+                                                     "diffusion.eval_nll_steps": 2, "mesh.data": 4},
+                  "2 samples (DDIM"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FINISHING))
+def test_a_two_process_run_that_finishes_exits_promptly(tmp_path, family):
+    experiment, overrides, report = FINISHING[family]
+    port = portpicker.pick_unused_port()
+    procs = [_start_experiment(tmp_path, i, port, experiment, overrides) for i in range(2)]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    finished = time.time()
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    last_row = (tmp_path / "metrics.jsonl").stat().st_mtime
+    assert finished - last_row < 30  # not JAX's 5-minute shutdown barrier
+    assert report in outputs[0][0] and report not in outputs[1][0]  # process 0 prints the report
+    evals = read_metrics(tmp_path, "eval")
+    assert evals[-1]["step"] == overrides["total_steps"] and len(evals) == 2
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_two_processes_agree_to_set_a_damaged_checkpoint_aside(tmp_path):
+    from tests.train_lib.test_faults import _damage, _steps
+    port = portpicker.pick_unused_port()
+    procs = [_start(tmp_path, i, port, "--stop_at_step=6", total=9) for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=400) == 0, p.communicate()[1][-3000:]
+    assert _steps(tmp_path) == [3, 6]
+    _damage(tmp_path / "checkpoints" / "6", "truncate")
+    port = portpicker.pick_unused_port()
+    procs = [_start(tmp_path, i, port, total=9) for i in range(2)]
+    outputs = [p.communicate(timeout=400) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+        assert "resuming at step 3" in err or p is procs[1]
+    assert "checkpoints/6 is damaged" in outputs[0][1] and len(list((tmp_path / "damaged_checkpoints").iterdir())) == 1
+    assert sorted(_losses(tmp_path)) == list(range(1, 10))

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from tests.train_lib.conftest import make_config
 from train_lib import optim
@@ -12,7 +13,7 @@ from train_lib import optim
 
 def test_schedule_is_linear_warmup_then_cosine_to_end_factor():
     config = make_config(total_steps=100, optimizer__learning_rate=1e-3, optimizer__warmup_steps=10)
-    schedule = optim.learning_rate_schedule(config)
+    schedule = optim.learning_rate_schedule(config.optimizer, config.total_steps)
     end = 1e-3 * config.optimizer.end_lr_factor
     for step in (0, 5, 10):
         np.testing.assert_allclose(schedule(step), 1e-3 * step / 10, rtol=1e-6)
@@ -31,9 +32,9 @@ def test_weight_decay_touches_only_kernels_and_embeddings():
     assert mask["embed"]["embedding"]
     # With zero gradients, AdamW changes only the masked leaves, by -lr·wd·p.
     config = make_config(optimizer__weight_decay=0.5, optimizer__warmup_steps=0, optimizer__grad_clip_norm=0.0)
-    tx = optim.make_optimizer(config)
+    tx = optim.make_optimizer(config.optimizer, config.total_steps)
     updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
-    lr = float(optim.learning_rate_schedule(config)(0))
+    lr = float(optim.learning_rate_schedule(config.optimizer, config.total_steps)(0))
     np.testing.assert_allclose(updates["embed"]["embedding"], -lr * 0.5 * np.ones((3, 2)), rtol=1e-6)
     np.testing.assert_array_equal(updates["layer"]["uv"]["bias"], 0.0)
 
@@ -44,3 +45,71 @@ def test_ema_decay_warms_up_then_saturates():
     ema = optim.update_ema({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, jnp.asarray(0), 0.999)
     np.testing.assert_allclose(ema["w"], 0.9, rtol=1e-6)  # (1 - 0.1) of the new parameters
     assert isinstance(optax.global_norm(ema), jax.Array)
+
+
+def _param_specs(plan):
+    flat = jax.tree_util.tree_leaves_with_path(plan.state_shardings.params,
+                                               is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    shapes = dict(jax.tree_util.tree_leaves_with_path(plan.abstract_state.params))
+    return {tuple(path): (shapes[path].shape, tuple(s.spec) + (None,) * (len(shapes[path].shape) - len(s.spec)))
+            for path, s in flat}
+
+
+def _expected_spec(param_shape, param_spec, shape):
+    """The spec of an array derived from a parameter: the parameter's, or for a reduction that deletes one
+    dimension (Adafactor's factored moments) the parameter's without that dimension; size-1 placeholders
+    are replicated."""
+    if tuple(shape) == tuple(param_shape):
+        return param_spec
+    for dim in range(len(param_shape)):
+        if param_shape[:dim] + param_shape[dim + 1:] == tuple(shape):
+            return param_spec[:dim] + param_spec[dim + 1:]
+    assert int(np.prod(shape)) == 1, (param_shape, shape)
+    return (None,) * len(shape)
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_each_optimizer_trains_on_a_2x2x2_mesh_with_its_state_sharded_like_its_parameters(tmp_path, name):
+    from experiments import gau_lm
+    from tests.train_lib.conftest import TEST_OVERRIDES, read_metrics
+    from train_lib import config_lib, trainer
+
+    lr = {"sgd": 0.3, "lion": 3e-3, "adafactor": 3e-2}.get(name, 3e-3)
+    config = config_lib.apply_overrides(gau_lm.get_config(f"tiny,{name}"), {
+        **TEST_OVERRIDES, "total_steps": 8, "checkpoint_every_steps": 8, "mesh.data": 2, "mesh.fsdp": 2,
+        "mesh.model": 2, "optimizer.learning_rate": lr,
+        **({"optimizer.min_dim_size_to_factor": 16} if name == "adafactor" else {})})
+    assert config.optimizer.name == name
+    trainer.train_and_evaluate(config, str(tmp_path))
+    losses = [row["loss"] for row in read_metrics(tmp_path)]
+    assert np.mean(losses[-3:]) < np.mean(losses[:2]) - 0.05, losses
+
+    _, plan = trainer.plan_for(config)
+    params = _param_specs(plan)
+    leaves = jax.tree_util.tree_leaves_with_path(plan.state_shardings.opt_state,
+                                                 is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    abstract = dict(jax.tree_util.tree_leaves_with_path(plan.abstract_state.opt_state))
+    derived = reduced = 0
+    for path, sharding in leaves:
+        shape = abstract[path].shape
+        owner = next((params[tuple(path[i:])] for i in range(len(path)) if tuple(path[i:]) in params), None)
+        spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+        if owner is None:
+            assert all(axis is None for axis in spec), (path, spec)  # counts and other scalars: replicated
+            continue
+        derived += 1
+        reduced += tuple(shape) != owner[0]
+        assert spec == _expected_spec(*owner, shape), (jax.tree_util.keystr(path), shape, spec)
+    assert derived >= len(params)  # every parameter has at least one statistic (moment, trace)
+    assert (reduced > 0) == (name == "adafactor")
+    assert any("model" in str(s.spec) for _, s in leaves) and any("fsdp" in str(s.spec) for _, s in leaves)
+
+
+def test_optimizer_switch_without_its_keys_says_to_use_the_preset():
+    from experiments import gau_lm
+    from train_lib.config_lib import ConfigError
+
+    config = gau_lm.get_config("tiny")
+    config.optimizer.name = "sgd"
+    with pytest.raises(ConfigError, match=r"needs optimizer.momentum, optimizer.nesterov.*preset.*tiny,sgd"):
+        optim.make_optimizer(config.optimizer, config.total_steps)

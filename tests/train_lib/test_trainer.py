@@ -20,6 +20,9 @@ def test_training_loss_falls(tmp_path):
         result["eval"]["loss"] / np.log(2))
     assert {"learning_rate", "grad_norm", "tokens_per_sec"} <= set(read_metrics(tmp_path)[-1])
     assert {"loss", "accuracy", "bits_per_byte", "ema_loss"} <= set(read_metrics(tmp_path, "eval")[-1])
+    import matplotlib.image
+    curves = matplotlib.image.imread(tmp_path / "curves.png")  # train loss and one panel per eval metric
+    assert curves.shape[1] > 3 * curves.shape[0] and curves[..., :3].std() > 0.05
 
 
 def test_stop_and_resume_equals_uninterrupted_run_exactly(tmp_path):

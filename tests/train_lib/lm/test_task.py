@@ -7,8 +7,10 @@ import optax
 import pytest
 
 from tests.train_lib.conftest import cli_overrides, make_config, read_metrics, run_cli
-from train_lib import data as data_lib
-from train_lib import evaluate, tasks, trainer
+from train_lib import checkpointing, registry, trainer
+from train_lib.config_lib import ConfigError
+from train_lib.lm import data as data_lib
+from train_lib.lm import evaluate
 
 _FLASH = dict(model__attention="flash", model__chunk_size=8, model__normalizer="relu2_paper", model__norm="scalenorm")
 _MLM = dict(task="mlm", model__causal=False, model__vocab_size=257)
@@ -19,7 +21,7 @@ def _losses(workdir):
 
 
 def test_mlm_masks_fifteen_percent_and_scores_only_masked_bytes():
-    task = tasks.get_task(make_config(**_MLM))
+    task = registry.make_task(make_config(**_MLM))
     tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 40), 0, 256)
     inputs, masked = task.mask_tokens(tokens, jax.random.PRNGKey(1))
     assert np.all(np.asarray(masked).sum(-1) == 6)  # round(0.15 · 40)
@@ -39,17 +41,28 @@ def test_mlm_masks_fifteen_percent_and_scores_only_masked_bytes():
 
 
 def test_mlm_config_errors_name_the_key():
-    with pytest.raises(tasks.ConfigError, match="model.causal=False"):
-        tasks.get_task(make_config(task="mlm", model__vocab_size=257))
-    with pytest.raises(tasks.ConfigError, match="model.vocab_size"):
-        tasks.get_task(make_config(task="mlm", model__causal=False))
-    with pytest.raises(tasks.ConfigError, match="residual_scores"):
-        tasks.get_task(make_config(model__attention="flash", model__residual_scores=True))
-    with pytest.raises(tasks.ConfigError, match="max_positions"):
-        tasks.get_task(make_config(model__position="learned", model__max_positions=16))
+    with pytest.raises(ConfigError, match="model.causal=False"):
+        registry.make_task(make_config(task="mlm", model__vocab_size=257))
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        registry.make_task(make_config(task="mlm", model__causal=False))
+    with pytest.raises(ConfigError, match="residual_scores"):
+        registry.make_task(make_config(model__attention="flash", model__residual_scores=True))
+    with pytest.raises(ConfigError, match="max_positions"):
+        registry.make_task(make_config(model__position="learned", model__max_positions=16))
     for bad in (dict(model__residual_scores=True), dict(model__attention="performer")):
-        with pytest.raises(tasks.ConfigError, match="model.scan_layers"):
-            tasks.get_task(make_config(model__scan_layers=True, **bad))
+        with pytest.raises(ConfigError, match="model.scan_layers"):
+            registry.make_task(make_config(model__scan_layers=True, **bad))
+
+
+def test_generate_refuses_more_positions_than_the_model_covers_and_a_top_k_past_the_vocabulary():
+    from train_lib.lm.generate import check_request
+    task = registry.make_task(make_config(model__position="learned", model__max_positions=64))
+    check_request(task, prompt_length=4, max_new_tokens=60, top_k=256)
+    with pytest.raises(ConfigError, match=r"need 65 positions, but model.position='learned' covers 64; ask for at most "
+                                          r"60 new bytes"):
+        check_request(task, prompt_length=4, max_new_tokens=61, top_k=40)
+    with pytest.raises(ConfigError, match="--top_k 257 exceeds the model's vocabulary of 256"):
+        check_request(task, prompt_length=4, max_new_tokens=8, top_k=257)
 
 
 def test_scanned_layers_train_sharded_over_fsdp_and_model(tmp_path):
@@ -60,7 +73,7 @@ def test_scanned_layers_train_sharded_over_fsdp_and_model(tmp_path):
     trainer.train_and_evaluate(config, str(tmp_path))
     losses = _losses(tmp_path)
     assert len(losses) == 10 and np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
-    plan = trainer.make_plan(config, tasks.get_task(config), {"data": 2, "fsdp": 2, "model": 2})
+    _, plan = trainer.plan_for(config)
     kernel = plan.abstract_state.params["layers"]["uv"]["kernel"]  # [layers, embed, 2, expand]
     assert kernel.shape[0] == config.model.num_layers and "layer_0" not in plan.abstract_state.params
     assert tuple(plan.state_shardings.params["layers"]["uv"]["kernel"].spec) == (None, "fsdp", None, "model")
@@ -74,11 +87,13 @@ def test_length_evaluation_at_training_length_equals_trainer_evaluation():
     same windows as `trainer.evaluate` and must give the same numbers; other lengths just run."""
     from tests.models.gau_fixtures import sharpen
     config = make_config(batch_size=4, eval_batches=2, **_FLASH)
-    task = tasks.get_task(config)
+    task = registry.make_task(config)
     params = sharpen(jax.tree.map(lambda x: x.value if hasattr(x, "value") else x,
                                   jax.jit(task.init_params)(jax.random.PRNGKey(0), task.batch_spec(1)),
                                   is_leaf=lambda x: hasattr(x, "value")))
-    _, eval_data, text = data_lib.language_model_datasets(config, rows=(0, config.batch_size))
+    _, eval_data, text = data_lib.language_model_datasets("", seq_len=config.data.seq_len, batch_size=config.batch_size,
+                                                          eval_batches=config.eval_batches, seed=config.seed,
+                                                          rows=(0, config.batch_size))
     want = trainer.evaluate(jax.jit(task.eval_sums), params, eval_data,
                             lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}, task)
     rows = evaluate.evaluate_lengths(task, params, [32, 16], stream=text.validation, max_tokens=2 * 4 * 32,
@@ -98,8 +113,8 @@ def test_flash_trains_tensor_parallel_and_evaluates_at_other_lengths(tmp_path):
     result = trainer.train_and_evaluate(config, str(tmp_path))
     losses = _losses(tmp_path)
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3
-    from train_lib.generate import load_params
-    task, params, step = load_params(tmp_path, use_ema=False)
+    run = checkpointing.restore_params(tmp_path, use_ema=False)
+    task, params, step = run.task, run.params, run.step
     stream = data_lib.load_text("").validation
     rows = evaluate.evaluate_lengths(task, params, [32, 16, 64], stream=stream,
                                      max_tokens=config.eval_batches * config.batch_size * 32, batch_tokens=8 * 32)
@@ -153,8 +168,8 @@ def test_evaluate_cli_prints_table_and_png(tmp_path):
     trainer.train_and_evaluate(make_config(total_steps=3), str(tmp_path))
     out = run_cli(["--workdir", str(tmp_path), "--lengths", "16,32", "--max_tokens", "512",
                    "--output", str(tmp_path / "r.json"), "--attention_png", str(tmp_path / "a.png")],
-                  module="train_lib.evaluate", devices=1)
+                  module="train_lib.lm.evaluate", devices=1)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| 16 |" in out.stdout and "| 32 |" in out.stdout and (tmp_path / "a.png").stat().st_size > 1000
-    bad = run_cli(["--workdir", str(tmp_path), "--lengths", "16,x"], module="train_lib.evaluate", devices=1)
+    bad = run_cli(["--workdir", str(tmp_path), "--lengths", "16,x"], module="train_lib.lm.evaluate", devices=1)
     assert bad.returncode == 2 and "--lengths" in bad.stderr

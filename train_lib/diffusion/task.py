@@ -1,10 +1,10 @@
 """The 'diffusion' task: a U-Net denoiser on images, trained and evaluated by the generic trainer.
 
-Implements the task contract of `train_lib.tasks` with the library in `models/diffusion`:
+Implements `train_lib.task.Task` with the library in `models/diffusion`:
 
 - batches are {"images": `[B, H, W, C]` float32 in [−1, 1] on the data's grey-level grid, "labels": `[B]`
-  int32}; `data.path` '' is scikit-learn's 8×8 digits (17 levels), a directory is CIFAR-10's Python pickle
-  batches (256 levels), both read by `train_lib.image_data`;
+  int32}; `data.dataset` 'digits' is scikit-learn's 8×8 digits (17 levels), 'cifar10' CIFAR-10's Python
+  pickle batches in the directory `data.path` (256 levels), both read by `train_lib.diffusion.data`;
 - the loss is `models.diffusion.training.diffusion_loss` (ε-, x₀- or v-prediction, "simple" or "elbo"
   weighting, t uniform over the full schedule), with optional random horizontal flips and, for a
   class-conditional U-Net (`model.num_classes > 0`), optional label dropout to the "no class" token;
@@ -14,13 +14,14 @@ Implements the task contract of `train_lib.tasks` with the library in `models/di
   evaluation of a checkpoint is the same;
 - the final report draws a few samples and prints them (as text, for digits).
 
-Sampling, FCD/KID and the full NLL and sample-quality table are `train_lib.sample`.
+Sampling, FCD/KID and the full NLL and sample-quality table are `python -m train_lib.diffusion.sample`,
+whose defaults are the run's `sample.*` keys (`SampleSettings`).
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
-import math
 import sys
 from typing import Any
 
@@ -32,14 +33,16 @@ import numpy as np
 
 from models import unet as unet_lib
 from models.diffusion import likelihood, prediction, samplers, schedules, training
-from train_lib import data as data_lib
-from train_lib import flops, image_data
+from train_lib import flops
 from train_lib.config_lib import ConfigError
+from train_lib.diffusion import data as image_data
+from train_lib.input_pipeline import batched
+from train_lib.task import TaskBase
 
 # Image shapes and grey levels of the datasets, known before any file is read (the trainer needs shapes first).
 IMAGE_SHAPES = {"digits": (8, 8, 1), "cifar10": (32, 32, 3)}
 LEVELS = {"digits": 17, "cifar10": 256}
-# Samplers whose NLL needs nothing but the network: the analytic ones need Γ (train_lib.sample
+# Samplers whose NLL needs nothing but the network: the analytic ones need Γ (train_lib.diffusion.sample
 # estimates and caches it) and DDIM's needs η > 0.
 EVAL_NLL_METHODS = ("ddpm_beta", "ddpm_beta_tilde")
 _ASCII_RAMP = " .:-=+*#%@"
@@ -48,20 +51,22 @@ _ASCII_RAMP = " .:-=+*#%@"
 def dataset_name(config) -> str:
     """`data.dataset` ('digits', bundled with scikit-learn, or 'cifar10', read from the directory `data.path`);
     a config without the key means 'digits' for `data.path` '' and 'cifar10' otherwise."""
-    name = config.data.get("dataset", "") or ("cifar10" if config.data.path else "digits")
+    path = config.data.path
+    name = config.data.get("dataset", "") or ("cifar10" if path else "digits")
     _check("data.dataset", name, IMAGE_SHAPES)
-    if name == "cifar10" and not config.data.path:
+    if name == "cifar10" and not path:
         raise ConfigError("config: 'data.path' must name the directory of CIFAR-10's Python pickle batches "
                           "(cifar-10-batches-py) for data.dataset='cifar10'; nothing is downloaded")
-    if name == "digits" and config.data.path:
+    if name == "digits" and path:
         raise ConfigError(f"config: data.dataset='digits' is bundled with scikit-learn and reads no 'data.path' "
-                          f"(got {config.data.path!r}); set data.path='' or data.dataset='cifar10'")
+                          f"(got {path!r}); set data.path='' or data.dataset='cifar10'")
     return name
 
 
 def unet_config(config, image_shape: tuple[int, int, int]) -> unet_lib.UNetConfig:
-    """The `UNetConfig` of `config.model` (all keys but 'name'), validated against the image shape."""
-    values = {k: v for k, v in config.model.items() if k != "name"}
+    """The `UNetConfig` of `config.model`, validated against the image shape. Only UNetConfig's fields
+    are read, so another `model.*` key is left unread (and the trainer refuses it)."""
+    values = {f.name: config.model[f.name] for f in dataclasses.fields(unet_lib.UNetConfig) if f.name in config.model}
     try:
         cfg = unet_lib.UNetConfig.from_dict(values)
         cfg.validate(image_shape)
@@ -75,9 +80,49 @@ def _check(key: str, value, choices) -> None:
         raise ConfigError(f"config: '{key}' is {value!r}; expected one of {sorted(choices)}")
 
 
-def validate_diffusion_config(config) -> None:
+@dataclasses.dataclass(frozen=True)
+class DiffusionSettings:
+    """`config.diffusion`: the forward process and what the network learns."""
+
+    schedule: str  # a key of models.diffusion.schedules.BETA_SCHEDULES
+    num_timesteps: int  # T
+    prediction: str  # 'eps', 'x0' or 'v'
+    weighting: str  # 'simple' or 'elbo'
+    label_dropout: float  # conditional models: P(label → "no class") in training
+    eval_nll_steps: int  # K of the NLL bound at each evaluation (0: off)
+    eval_nll_method: str  # EVAL_NLL_METHODS
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleSettings:
+    """`config.sample`: the defaults of `python -m train_lib.diffusion.sample` and of the end-of-run samples.
+
+    `eps_from_clipped_x0` and `second_last_sigma_pixels` are the two conventions on which implementations
+    differ (see models.diffusion.samplers.sample); keys an older config lacks take these defaults.
+    """
+
+    sampler: str
+    steps: int
+    eta: float
+    spacing: str
+    clip_x0: bool
+    report_samples: int  # drawn at the end of training (as text for digits; 0: none)
+    gamma_images: int  # training images for Analytic-DPM's Γ
+    eps_from_clipped_x0: bool = True
+    second_last_sigma_pixels: float = 0.0
+
+
+def _read(cls, node, prefix: str):
+    """An instance of dataclass `cls` from the config node (its fields only; fields with defaults optional)."""
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in node and f.default is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"config: missing key '{prefix}.{missing[0]}'")
+    return cls(**{f.name: node[f.name] for f in dataclasses.fields(cls) if f.name in node})
+
+
+def validate_diffusion_config(d: DiffusionSettings, s: SampleSettings, num_classes: int) -> None:
     """Choices and ranges of `config.diffusion` and `config.sample`, checked before anything compiles."""
-    d, s = config.diffusion, config.sample
     _check("diffusion.schedule", d.schedule, schedules.BETA_SCHEDULES)
     _check("diffusion.prediction", d.prediction, prediction.PREDICTIONS)
     _check("diffusion.weighting", d.weighting, training.WEIGHTINGS)
@@ -89,13 +134,17 @@ def validate_diffusion_config(config) -> None:
     if not 0 <= d.eval_nll_steps <= d.num_timesteps:
         raise ConfigError(f"config: 'diffusion.eval_nll_steps' must be in 0..{d.num_timesteps} (0 skips the NLL), "
                           f"got {d.eval_nll_steps}")
-    if s.get("report_samples", 0) < 0:
+    if s.report_samples < 0:
         raise ConfigError(f"config: 'sample.report_samples' must be non-negative (0: none), got {s.report_samples}")
     if not 1 <= s.steps <= d.num_timesteps:
         raise ConfigError(f"config: 'sample.steps' must be in 1..{d.num_timesteps}, got {s.steps}")
+    if s.eta < 0 or s.gamma_images <= 0 or s.second_last_sigma_pixels < 0:
+        raise ConfigError(f"config: 'sample.eta' ({s.eta}) and 'sample.second_last_sigma_pixels' "
+                          f"({s.second_last_sigma_pixels}) must be non-negative, 'sample.gamma_images' "
+                          f"({s.gamma_images}) positive")
     if not 0.0 <= d.label_dropout < 1.0:
         raise ConfigError(f"config: 'diffusion.label_dropout' must be in [0, 1), got {d.label_dropout}")
-    if d.label_dropout > 0 and config.model.num_classes == 0:
+    if d.label_dropout > 0 and num_classes == 0:
         raise ConfigError("config: 'diffusion.label_dropout' > 0 needs a class-conditional model "
                           "(model.num_classes > 0)")
 
@@ -130,33 +179,40 @@ def fingerprint(data: image_data.ImageDataset) -> str:
     return digest.hexdigest()[:12]
 
 
-class DiffusionTask:
+class DiffusionTask(TaskBase):
     """Denoising diffusion on images with the DDPM U-Net (`models.unet`)."""
 
+    description = "a diffusion model of images (a U-Net denoiser)"
+    commands = ("train_lib.diffusion.sample",)
     throughput_unit = "images"
+    # XLA:CPU keeps YNNPACK for the matmuls only: the U-Net step is ~30% faster (train_lib.xla_flags).
+    xla_cpu_flags = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
     def __init__(self, config):
-        validate_diffusion_config(config)
-        self.config = config
+        super().__init__(config)
         self.dataset = dataset_name(config)
+        self.data_path = config.data.path
+        self.random_flip = config.data.random_flip
         self.image_shape = IMAGE_SHAPES[self.dataset]
         self.levels = LEVELS[self.dataset]
         self.unet_config = unet_config(config, self.image_shape)
+        self.compute_dtype = self.unet_config.dtype
         self.model = unet_lib.UNet(self.unet_config)
         self.num_classes = self.unet_config.num_classes
-        d = config.diffusion
+        self.diffusion = d = _read(DiffusionSettings, config.diffusion, "diffusion")
+        self.sample_settings = _read(SampleSettings, config.sample, "sample")
+        validate_diffusion_config(d, self.sample_settings, self.num_classes)
         self.prediction, self.weighting = d.prediction, d.weighting
         self.schedule = schedules.make_schedule(d.schedule, d.num_timesteps)
         self.eval_schedule = schedules.respace(self.schedule, d.eval_nll_steps) if d.eval_nll_steps else None
         # One object for the library's static `model_fn` argument: every call shares its compilations.
         self.denoiser = functools.partial(denoise, self.model)
-        self.units_per_batch = config.batch_size
 
     @functools.cached_property
     def data(self) -> image_data.ImageDataset:
         """The train and test images, read on first use (restoring a checkpoint does not need them)."""
         try:
-            return image_data.load_image_dataset(self.dataset, self.config.data.path or None)
+            return image_data.load_image_dataset(self.dataset, self.data_path or None)
         except ValueError as e:
             raise ConfigError(f"config: 'data.path': {e}") from None
 
@@ -168,13 +224,9 @@ class DiffusionTask:
         return {"images": jax.ShapeDtypeStruct((batch_size,) + self.image_shape, jnp.float32),
                 "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
-    def model_flops_per_step(self) -> float:
-        """Model FLOPs of one training step on a global batch: 3× the U-Net's forward matmuls and
-        convolutions, counted from its jaxpr (`flops.count_matmul_flops`)."""
-        return 3.0 * self.forward_flops(self.config.batch_size)
-
     def forward_flops(self, batch_size: int) -> float:
-        """FLOPs of one U-Net evaluation on `batch_size` images (one sampling step)."""
+        """FLOPs of one U-Net evaluation on `batch_size` images (one sampling step). The training step's
+        count is TaskBase's, 3× the loss's: the loss evaluates the U-Net once."""
         spec = self.batch_spec(batch_size)
         params = jax.eval_shape(self.init_params, jax.random.PRNGKey(0), spec)
         t = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
@@ -191,11 +243,11 @@ class DiffusionTask:
         flip_rng, label_rng, loss_rng = jax.random.split(rng, 3)
         images, labels = batch["images"], batch["labels"]
         batch_size = images.shape[0]
-        if train and self.config.data.random_flip:
+        if train and self.random_flip:
             flip = jax.random.bernoulli(flip_rng, 0.5, (batch_size, 1, 1, 1))
             images = jnp.where(flip, images[:, :, ::-1], images)
-        if train and self.num_classes > 0 and self.config.diffusion.label_dropout > 0:
-            dropped = jax.random.bernoulli(label_rng, self.config.diffusion.label_dropout, (batch_size,))
+        if train and self.num_classes > 0 and self.diffusion.label_dropout > 0:
+            dropped = jax.random.bernoulli(label_rng, self.diffusion.label_dropout, (batch_size,))
             labels = jnp.where(dropped, self.num_classes, labels)
         apply_fn = functools.partial(self.model.apply, train=train)
         per_example = training.diffusion_loss(apply_fn, {"params": params}, images, loss_rng, schedule=self.schedule,
@@ -209,7 +261,7 @@ class DiffusionTask:
         weights = jnp.arange(1, levels.shape[1] + 1, dtype=jnp.uint32)
         rows = jnp.arange(1, levels.shape[0] + 1, dtype=jnp.uint32)[:, None]
         digest = jnp.sum(levels * weights * rows, dtype=jnp.uint32)
-        return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), digest)
+        return jax.random.fold_in(jax.random.PRNGKey(self.seed), digest)
 
     def eval_sums(self, params, batch):
         images, labels = batch["images"], self.labels_for_model(batch["labels"])
@@ -220,7 +272,7 @@ class DiffusionTask:
         sums = {"loss": jnp.sum(per_example), "count": jnp.asarray(images.shape[0], jnp.float32)}
         if self.eval_schedule is not None:
             nll = likelihood.nll_bits_per_dim(self.denoiser, params, images, nll_rng, schedule=self.eval_schedule,
-                                              method=self.config.diffusion.eval_nll_method, labels=labels,
+                                              method=self.diffusion.eval_nll_method, labels=labels,
                                               levels=self.levels, prediction=self.prediction)
             sums.update({f"bpd_{k}": jnp.sum(nll[k]) for k in ("total", "prior", "diffusion", "reconstruction")})
         return sums
@@ -228,7 +280,7 @@ class DiffusionTask:
     def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
         results = {"loss": sums["loss"] / sums["count"]}
         if "bpd_total" in sums:
-            k = self.config.diffusion.eval_nll_steps
+            k = self.diffusion.eval_nll_steps
             results[f"bits_per_dim_k{k}"] = sums["bpd_total"] / sums["count"]
             for term in ("prior", "diffusion", "reconstruction"):
                 results[f"bits_per_dim_k{k}_{term}"] = sums[f"bpd_{term}"] / sums["count"]
@@ -236,20 +288,20 @@ class DiffusionTask:
 
     def datasets(self, rows: tuple[int, int]):
         """(train: shuffled with `seed`, reshuffled every epoch, repeated; eval: the test split in order)."""
-        data, batch = self.data, self.config.batch_size
+        data, batch = self.data, self.batch_size
         if len(data.train_images) < batch:
             raise ConfigError(f"config: 'batch_size' {batch} exceeds the {len(data.train_images)} training images "
                               f"of {data.name}")
-        num_eval = min(self.config.eval_batches, len(data.test_images) // batch)
+        num_eval = min(self.eval_batches, len(data.test_images) // batch)
         if num_eval == 0:
             raise ConfigError(f"config: 'batch_size' {batch} exceeds the {len(data.test_images)} test images of "
                               f"{data.name}; evaluation needs at least one full batch")
         train = grain.MapDataset.source(ImageExamples(data.train_images, data.train_labels))
-        train = train.shuffle(seed=self.config.seed).repeat(None)
-        train = data_lib.batched(train, global_batch=batch, rows=rows, num_batches=sys.maxsize // batch,
+        train = train.shuffle(seed=self.seed).repeat(None)
+        train = batched(train, global_batch=batch, rows=rows, num_batches=sys.maxsize // batch,
                                  collate=stack_examples)
         train = train.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-        evaluation = data_lib.batched(grain.MapDataset.source(ImageExamples(data.test_images, data.test_labels)),
+        evaluation = batched(grain.MapDataset.source(ImageExamples(data.test_images, data.test_labels)),
                                       global_batch=batch, rows=rows, num_batches=num_eval, collate=stack_examples)
         description = (f"{data.name}: {len(data.train_images)} train, {len(data.test_images)} test images "
                        f"{'×'.join(map(str, data.image_shape))}, {data.levels} levels; evaluating on "
@@ -265,22 +317,55 @@ class DiffusionTask:
             return jnp.full((num,), class_label, jnp.int32)
         return jnp.arange(num, dtype=jnp.int32) % self.num_classes
 
+    def benchmark_extras(self, params, *, peak_flops: float, repeats: int, sample_steps: int,
+                         sample_batch: int) -> dict[str, Any]:
+        """The sampler step: one U-Net evaluation on `sample_batch` images inside the jitted `lax.scan`
+        sampler (DDPM σ² = β̃, `sample_steps` steps, median over max(3, repeats // 2) runs)."""
+        import time
+
+        if sample_steps <= 0:
+            return {}
+        schedule = schedules.respace(self.schedule, sample_steps, "even")
+        shape = (sample_batch,) + self.image_shape
+        labels = self.sample_labels(sample_batch)
+
+        def run(seed):
+            return samplers.sample(self.denoiser, params, jax.random.PRNGKey(seed), schedule=schedule, shape=shape,
+                                   method="ddpm_beta_tilde", labels=labels, prediction=self.prediction, clip_x0=True)
+
+        jax.block_until_ready(run(0))
+        times = []
+        for i in range(max(3, repeats // 2)):
+            start = time.perf_counter()
+            jax.block_until_ready(run(i + 1))
+            times.append((time.perf_counter() - start) / sample_steps)
+        step_s = float(np.median(times))
+        return {"sample_batch_size": sample_batch, "sample_step_ms": 1e3 * step_s,
+                "sample_images_per_sec": sample_batch / step_s,
+                "sample_mfu": flops.mfu(self.forward_flops(sample_batch), step_s, peak_flops)}
+
+    def benchmark_rows(self, result: dict[str, Any]) -> list[tuple[str, str]]:
+        if "sample_step_ms" not in result:
+            return []
+        return [("sampler step", f"{result['sample_step_ms']:.1f} ms for {result['sample_batch_size']} images "
+                                 f"({result['sample_images_per_sec']:,.0f} images/s, "
+                                 f"MFU {100 * result['sample_mfu']:.1f}%)")]
+
     def final_report(self, params) -> str:
         """`sample.report_samples` DDIM samples (sample.steps steps, η = 0), drawn as text for digits."""
-        s = self.config.sample
-        shown = s.get("report_samples", 10)
+        s = self.sample_settings
+        shown = s.report_samples
         if shown <= 0:
             return ""
-        num = math.ceil(shown / jax.device_count()) * jax.device_count()  # the batch must split over devices
         schedule = schedules.respace(self.schedule, s.steps, s.spacing)
-        images = samplers.sample(self.denoiser, params, jax.random.PRNGKey(self.config.seed), schedule=schedule,
-                                 shape=(num,) + self.image_shape, method="ddim", eta=0.0,
-                                 labels=self.sample_labels(num), prediction=self.prediction, clip_x0=True)
-        images = np.asarray(jax.device_get(images))[:shown]
+        images = samplers.sample(self.denoiser, params, jax.random.PRNGKey(self.seed), schedule=schedule,
+                                 shape=(shown,) + self.image_shape, method="ddim", eta=0.0,
+                                 labels=self.sample_labels(shown), prediction=self.prediction, clip_x0=True)
+        images = np.asarray(jax.device_get(images))
         header = f"{shown} samples (DDIM η=0, {s.steps} steps{', classes 0-9' if self.num_classes else ''})"
         if self.dataset != "digits":
             return (f"{header}: pixel mean {images.mean():.3f}, std {images.std():.3f}. Grids and FCD/NLL tables: "
-                    "python -m train_lib.sample --workdir=<workdir>")
+                    "python -m train_lib.diffusion.sample --workdir=<workdir>")
         return f"{header}:\n{ascii_digits(images, self.levels)}"
 
 

@@ -1,23 +1,21 @@
-"""grain input pipelines: byte-level text windows, global batches assembled from per-process slices.
+"""Byte-level text for the language models: the corpus as byte streams and grain pipelines of windows.
 
-Global batch `j` always holds the same examples in the same order, whatever the number of processes:
-rows `[start, stop)` of it are read by the process whose devices hold those rows, and only by it.
-This is what makes a 2-process run reproduce a 1-process run, and what lets grain's iterator state
-(one integer per process) be checkpointed beside the model for exact resumption.
+The batches are built by `train_lib.input_pipeline.batched`: global batch j always holds the same
+windows in the same order, whatever the number of processes, and each process reads only its rows.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import pathlib
 import sys
-from typing import Any, Callable
-
 import grain
 import numpy as np
 
-from train_lib import corpus
 from train_lib.config_lib import ConfigError
+from train_lib.input_pipeline import batched
+from train_lib.lm import corpus
 
 log = logging.getLogger(__name__)
 
@@ -102,47 +100,38 @@ class TokenWindows:
         return self._stream[start:start + self._seq_len + 1].astype(np.int32)
 
 
-def _local_batch(batch_index: int, *, examples: grain.MapDataset, global_batch: int, rows: tuple[int, int],
-                 collate: Callable[[list[Any]], Any]) -> Any:
-    """Rows `[start, stop)` of global batch `batch_index`."""
-    start = batch_index * global_batch
-    return collate([examples[start + row] for row in range(*rows)])
-
-
-def batched(examples: grain.MapDataset, *, global_batch: int, rows: tuple[int, int], num_batches: int,
-            collate: Callable[[list[Any]], Any]) -> grain.MapDataset:
-    """A MapDataset whose element j is this process's rows of global batch j."""
-    return grain.MapDataset.range(num_batches).map(
-        lambda j: _local_batch(j, examples=examples, global_batch=global_batch, rows=rows, collate=collate))
-
-
 def stack_tokens(windows: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {"tokens": np.stack(windows)}
 
 
-def language_model_datasets(config, *, rows: tuple[int, int]) -> tuple[grain.IterDataset, grain.MapDataset, TextData]:
-    """(train iterator dataset, eval batches, text info) for the byte-level LM.
+def path_exists(path: str) -> bool:
+    return os.path.exists(path)
 
-    Train: windows shuffled with `config.seed`, reshuffled every epoch, repeated forever.
+
+def language_model_datasets(path: str, *, seq_len: int, batch_size: int, eval_batches: int, seed: int,
+                            rows: tuple[int, int]) -> tuple[grain.IterDataset, grain.MapDataset, TextData]:
+    """(train iterator dataset, eval batches, text info) for the byte-level LM on `load_text(path)`.
+
+    Train: windows shuffled with `seed`, reshuffled every epoch, repeated forever.
     Eval: the first `eval_batches` global batches of validation windows, in order.
     """
-    text = load_text(config.data.path)
-    seq_len, batch = config.data.seq_len, config.batch_size
+    text = load_text(path)
+    batch = batch_size
     train_windows, val_windows = TokenWindows(text.train, seq_len), TokenWindows(text.validation, seq_len)
     if len(train_windows) < batch:
         raise ConfigError(f"config: 'data.path' gives {len(train_windows)} training windows of length {seq_len}, "
                           f"fewer than one batch of {batch}; use more text or a smaller data.seq_len/batch_size")
-    if len(val_windows) < batch * config.eval_batches:
+    if len(val_windows) < batch * eval_batches:
         available = len(val_windows) // batch
         if available == 0:
             raise ConfigError(f"config: 'data.path' gives {len(val_windows)} validation windows, fewer than one "
                               f"batch of {batch}; use more text or a smaller batch_size")
         log.warning("only %d validation batches available; evaluating on those, not eval_batches=%d",
-                        available, config.eval_batches)
-    train = grain.MapDataset.source(train_windows).shuffle(seed=config.seed).repeat(None)
+                        available, eval_batches)
+    train = grain.MapDataset.source(train_windows).shuffle(seed=seed).repeat(None)
     train = batched(train, global_batch=batch, rows=rows, num_batches=sys.maxsize // batch, collate=stack_tokens)
     train = train.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    num_eval = min(config.eval_batches, len(val_windows) // batch)
+    num_eval = min(eval_batches, len(val_windows) // batch)
     evaluation = batched(grain.MapDataset.source(val_windows), global_batch=batch, rows=rows,
                          num_batches=num_eval, collate=stack_tokens)
     return train, evaluation, text

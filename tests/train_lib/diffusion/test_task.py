@@ -2,7 +2,7 @@
 
 Fast tests check the task's pieces against references (config errors, data rows, the loss at
 initialisation, Γ against its closed form and its cache). The end-to-end ones (training, sharded vs one
-device, resume, the `train_lib.sample` CLI) compile a U-Net several times and are marked slow.
+device, resume, the `train_lib.diffusion.sample` CLI) compile a U-Net several times and are marked slow.
 """
 import json
 import math
@@ -21,20 +21,17 @@ from experiments import ddpm_digits
 from models.diffusion import schedules
 from tests.models import diffusion_oracles as oracles
 from tests.train_lib.conftest import REPO, read_metrics
-from train_lib import config_lib, diffusion_task, image_data, sample, sharding, tasks, trainer
+from train_lib import config_lib, registry, sharding, trainer
 from train_lib.config_lib import ConfigError
-
-tasks.TASKS.setdefault("diffusion", diffusion_task.DiffusionTask)  # until train_lib/tasks.py registers it
+from train_lib.diffusion import data as image_data
+from train_lib.diffusion import sample
+from train_lib.diffusion import task as diffusion_task
 
 # Overrides that make the tiny variant take seconds per run (tests care about behaviour, not quality).
 TEST_OVERRIDES = {"total_steps": 12, "batch_size": 16, "log_every_steps": 1, "eval_every_steps": 1000,
                   "eval_batches": 1, "checkpoint_every_steps": 3, "sample.report_samples": 0,
                   "diffusion.eval_nll_steps": 0}
 
-# `python -m MODULE ARGS` with the task registered first (train_lib/tasks.py may not list it yet).
-_RUN_MODULE = ("import runpy, sys; from train_lib import tasks; from train_lib.diffusion_task import DiffusionTask; "
-               "tasks.TASKS.setdefault('diffusion', DiffusionTask); "
-               "runpy.run_module(sys.argv.pop(1), run_name='__main__', alter_sys=True)")
 
 
 def make_config(variant="tiny", **overrides):
@@ -46,7 +43,7 @@ def make_config(variant="tiny", **overrides):
 
 def run_module(module, args, *, devices=1, timeout=600):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-c", _RUN_MODULE, module, *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -90,7 +87,7 @@ def test_cifar10_variant_is_the_ddpm_papers_model_and_shards_on_a_2x2x2_mesh(tmp
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(boxed)))
     assert abs(count / 35.7e6 - 1) < 0.005  # Ho et al., arXiv 2006.11239, App. B: 35.7M parameters
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "model": 2})
-    shardings = sharding.logical_shardings(boxed, mesh, sharding.logical_rules(config))
+    shardings = sharding.logical_shardings(boxed, mesh, config_lib.logical_axis_rules(config))
     sharding.check_divisible(nn.unbox(boxed), shardings, mesh)
     specs = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
     assert sum("fsdp" in str(s.spec) for s in specs) > 50 and sum("model" in str(s.spec) for s in specs) > 50
@@ -151,7 +148,7 @@ class _GaussianTask:
         self.denoiser = oracles.gaussian_eps
         self.data = image_data.ImageDataset("gaussian", images, np.zeros(len(images), np.int32), images[:1],
                                             np.zeros(1, np.int32), levels=256, num_classes=0)
-        self.config = make_config(diffusion__num_timesteps=oracles.T)
+        self.diffusion = diffusion_task.DiffusionTask(make_config(diffusion__num_timesteps=oracles.T)).diffusion
 
     @staticmethod
     def labels_for_model(labels):
@@ -258,9 +255,9 @@ def _numbers(pattern, text):
 def test_sample_cli_writes_a_grid_prints_metrics_and_caches_gamma(trained_workdir):
     args = ["--workdir", str(trained_workdir), "--sampler", "analytic_ddpm", "--steps", "4", "--num", "20",
             "--gamma_images", "64"]
-    first = run_module("train_lib.sample", args)
+    first = run_module("train_lib.diffusion.sample", args)
     assert first.returncode == 0, first.stderr[-3000:]
-    png = trained_workdir / "samples_6_analytic_ddpm_k4.png"
+    png = trained_workdir / "samples_6_analytic_ddpm_k4_n20_seed0.png"
     assert png.is_file() and "(4 timesteps estimated now, 0 read from the cache)" in first.stdout
     fcd, floor = _numbers(r"FCD ([\d.]+) \(floor, real train vs test: ([\d.]+)\)", first.stdout)
     assert fcd > 10 * floor > 0  # six training steps make noise, not digits
@@ -271,7 +268,7 @@ def test_sample_cli_writes_a_grid_prints_metrics_and_caches_gamma(trained_workdi
         gamma = stored["gamma"].copy()
     assert np.sum(np.isfinite(gamma)) == 4
 
-    second = run_module("train_lib.sample", args)
+    second = run_module("train_lib.diffusion.sample", args)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "(0 timesteps estimated now, 4 read from the cache)" in second.stdout
     assert _numbers(r"FCD ([\d.]+)", second.stdout) == [fcd]  # same seed, same Γ: the same samples
@@ -281,14 +278,14 @@ def test_sample_cli_writes_a_grid_prints_metrics_and_caches_gamma(trained_workdi
 
 @pytest.mark.slow
 def test_sample_cli_nll_and_table(trained_workdir):
-    nll = run_module("train_lib.sample", ["--workdir", str(trained_workdir), "--nll", "--sampler", "ddpm_beta",
+    nll = run_module("train_lib.diffusion.sample", ["--workdir", str(trained_workdir), "--nll", "--sampler", "ddpm_beta",
                                           "--steps", "4", "--nll_images", "40"])
     assert nll.returncode == 0, nll.stderr[-3000:]
     total, prior, diffusion, reconstruction = _numbers(
         r"on 40 test images: ([\d.]+) bits/dim = prior ([\d.]+) \+ diffusion ([\d.]+) \+ reconstruction ([\d.]+)",
         nll.stdout)
     assert total == pytest.approx(prior + diffusion + reconstruction, abs=2e-4) and diffusion > 0
-    table = run_module("train_lib.sample", ["--workdir", str(trained_workdir), "--table", "--table_steps", "2,4",
+    table = run_module("train_lib.diffusion.sample", ["--workdir", str(trained_workdir), "--table", "--table_steps", "2,4",
                                             "--table_num", "16", "--gamma_images", "32"])
     assert table.returncode == 0, table.stderr[-3000:]
     text = (trained_workdir / "table_6.md").read_text()
@@ -299,5 +296,5 @@ def test_sample_cli_nll_and_table(trained_workdir):
             rows.setdefault(line.split("|")[1].strip(), line)
     assert rows["DDIM η=0"].count("—") == 2 and rows["Analytic-DDIM η=0"].count("—") == 2
     assert re.match(r"\| Analytic-DDPM \| [\d.]+ \| [\d.]+ \|", rows["Analytic-DDPM"])
-    bad = run_module("train_lib.sample", ["--workdir", str(trained_workdir), "--nll", "--sampler", "ddim"])
+    bad = run_module("train_lib.diffusion.sample", ["--workdir", str(trained_workdir), "--nll", "--sampler", "ddim"])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: --nll: sampler 'ddim'")

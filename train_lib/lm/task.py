@@ -1,27 +1,15 @@
-"""Tasks: what the generic trainer trains. A task is chosen by `config.task` from `TASKS`.
+"""The byte-level language-model family: 'lm' (causal LM) and 'mlm' (masked LM on a bidirectional encoder).
 
-The contract between `train_lib.trainer` and a task (everything the loop needs, nothing more):
+Both train any layer of `models.gau.ATTENTION_LAYERS` chosen by `model.attention` (GAU, FLASH, the
+Performer) on byte windows of the embedded corpus or a local text (`train_lib.lm.data`), and implement
+`train_lib.task.Task`: the loss is the mean next-byte (or masked-byte) cross-entropy per example.
 
-  task = TASKS[config.task](config)
-  task.model                                   # a linen module
-  task.batch_spec(batch_size)                  # {name: jax.ShapeDtypeStruct} of one global batch
-  task.init_params(rng, batch)                 # boxed (logically annotated) params
-  task.loss(params, batch, rng, train=True)    # (scalar loss, {name: scalar}) — mean over the batch
-  task.eval_sums(params, batch)                # {name: scalar sum}, incl. 'count'; summed over batches
-  task.summarize_eval(sums)                    # {metric: value} from the summed batches
-  task.datasets(rows)                          # (train IterDataset, eval MapDataset, info dict)
-  task.throughput_unit, task.units_per_batch   # e.g. ('tokens', batch × length)
-  task.final_report(params)                    # text printed at the end of a run (e.g. a sample)
-
-Losses are means over the examples of the batch, so gradient accumulation over equal microbatches
-averages to the large-batch gradient.
-
-Tasks: 'lm' (byte-level causal language modelling) and 'mlm' (byte-level masked language modelling
-with a bidirectional encoder, as GAU-α is trained). Both train any layer of
-`models.gau.ATTENTION_LAYERS` chosen by `model.attention`.
+Workdirs of 'lm' are read by `python -m train_lib.lm.generate` and `python -m train_lib.lm.evaluate`;
+those of 'mlm' by the evaluation CLI.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -34,10 +22,10 @@ from models.gated_unit import ATTENTION_IMPLS, NORM_POSITIONS
 from models.gau import ATTENTION_LAYERS, GAUConfig, GAULanguageModel, attention_implementation
 from models.layers import KERNEL_INITS, NORMS, SCALE_INITS
 from models.positions import MAX_LENGTH, POSITIONS
-from train_lib import data as data_lib
-from train_lib import flops
 from train_lib.config_lib import ConfigError
-from train_lib.diffusion_task import DiffusionTask
+from train_lib.lm import data as data_lib
+from train_lib.lm import flops as lm_flops
+from train_lib.task import TaskBase
 
 
 def _check_choice(key: str, value: str, choices) -> None:
@@ -46,10 +34,14 @@ def _check_choice(key: str, value: str, choices) -> None:
 
 
 def model_config(config) -> GAUConfig:
-    """The `GAUConfig` of `config.model`, validated; keys an older config lacks take GAUConfig's defaults."""
-    values = dict(config.model)
+    """The `GAUConfig` of `config.model`, validated; keys an older config lacks take GAUConfig's defaults.
+
+    Only GAUConfig's fields are read, so a `model.*` key that is not one of them is left unread (and the
+    trainer refuses it). `train_length` defaults to `data.seq_len`.
+    """
+    values = {f.name: config.model[f.name] for f in dataclasses.fields(GAUConfig) if f.name in config.model}
     values.setdefault("train_length", config.data.seq_len)
-    cfg = GAUConfig.from_dict(values)
+    cfg = GAUConfig(**values)
     for key, choices in (("normalizer", NORMALIZERS), ("norm", NORMS), ("dtype", ("float32", "bfloat16", "float16")),
                          ("attention", ATTENTION_LAYERS), ("position", POSITIONS), ("norm_position", NORM_POSITIONS),
                          ("kernel_init", KERNEL_INITS), ("qk_scale_init", SCALE_INITS),
@@ -81,24 +73,44 @@ def model_config(config) -> GAUConfig:
     return cfg
 
 
-class LanguageModelTask:
+class LanguageModelTask(TaskBase):
     """Byte-level causal language modelling with the GAU LM."""
 
+    description = "a byte-level causal language model"
+    commands = ("train_lib.lm.generate", "train_lib.lm.evaluate")
     throughput_unit = "tokens"
 
     def __init__(self, config):
-        self.config = config
+        super().__init__(config)
         self.model_config = model_config(config)
         self.model = GAULanguageModel(self.model_config)
+        self.compute_dtype = self.model_config.dtype
         self.seq_len = config.data.seq_len
-        self.units_per_batch = config.batch_size * self.seq_len
+        self.data_path = config.data.path
+        self.final_sample_tokens = config.final_sample_tokens
+        if self.final_sample_tokens < 0:
+            raise ConfigError(f"config: 'final_sample_tokens' must be non-negative (0: no sample), got "
+                              f"{self.final_sample_tokens}")
+        if self.data_path and not data_lib.path_exists(self.data_path):
+            raise ConfigError(f"config: 'data.path' {self.data_path!r} does not exist; give a text file, a "
+                              "directory of text files, or '' for the embedded corpus")
+
+    @property
+    def units_per_batch(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def longest_sequence(self) -> int | None:
+        """The most positions the model's position encoding covers (None: any number)."""
+        return MAX_LENGTH[self.model_config.position](self.model_config.max_positions)
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {"tokens": jax.ShapeDtypeStruct((batch_size, self.seq_len + 1), jnp.int32)}
 
     def model_flops_per_step(self) -> float:
-        """Model FLOPs of one training step on a global batch (`flops.lm_forward_flops_per_token`, ×3)."""
-        return 3.0 * flops.lm_forward_flops_per_token(self.model_config, self.seq_len) * self.units_per_batch
+        """Model FLOPs of one training step on a global batch (`lm_forward_flops_per_token`, ×3): the closed
+        form, which the tests check against TaskBase's count from the loss's jaxpr."""
+        return 3.0 * lm_flops.lm_forward_flops_per_token(self.model_config, self.seq_len) * self.units_per_batch
 
     def init_params(self, rng: jax.Array, batch: dict[str, jax.Array]) -> Any:
         return self.model.init({"params": rng}, batch["tokens"][:, :-1])["params"]
@@ -127,19 +139,25 @@ class LanguageModelTask:
         return {"loss": loss, "accuracy": sums["correct"] / sums["count"], "bits_per_byte": loss / math.log(2)}
 
     def datasets(self, rows: tuple[int, int]):
-        train, evaluation, text = data_lib.language_model_datasets(self.config, rows=rows)
+        train, evaluation, text = data_lib.language_model_datasets(
+            self.data_path, seq_len=self.seq_len, batch_size=self.batch_size, eval_batches=self.eval_batches,
+            seed=self.seed, rows=rows)
         return train, evaluation, {"data": text.description, "data_fingerprint": text.fingerprint,
                                    "train_bytes": int(text.train.size), "validation_bytes": int(text.validation.size)}
 
+    def benchmark_extras(self, params, *, peak_flops, repeats, sample_steps, sample_batch):
+        del params, peak_flops, repeats, sample_steps, sample_batch
+        return {"seq_len": self.seq_len}
+
     def final_report(self, params) -> str:
-        num_tokens = self.config.final_sample_tokens
+        num_tokens = self.final_sample_tokens
         if num_tokens <= 0:
             return ""
         if not getattr(ATTENTION_LAYERS[self.model_config.attention], "supports_decoding", True):
             return f"(no sample: model.attention={self.model_config.attention!r} has no decoding state)"
-        from train_lib import generate  # local import: generation is only needed at the end of a run
-        sample = generate.sample_text(self.model, params, prompt="def ", max_new_tokens=num_tokens,
-                                      rng=jax.random.PRNGKey(self.config.seed), temperature=0.8, top_k=40)
+        from train_lib.lm import decoding  # local import: generation is only needed at the end of a run
+        sample = decoding.sample_text(self.model, params, prompt="def ", max_new_tokens=num_tokens,
+                                      rng=jax.random.PRNGKey(self.seed), temperature=0.8, top_k=40)
         return "Sample (prompt 'def ', temperature 0.8, top-k 40):\n" + sample
 
 
@@ -154,6 +172,8 @@ class MaskedLanguageModelTask(LanguageModelTask):
     each batch's contents, so every evaluation of a checkpoint sees the same masks.
     """
 
+    description = "a byte-level masked language model (a bidirectional encoder, which cannot continue text)"
+    commands = ("train_lib.lm.evaluate",)
     MASK_TOKEN = 256
     MASK_RATE = 0.15
 
@@ -197,7 +217,7 @@ class MaskedLanguageModelTask(LanguageModelTask):
         """A key that depends only on the batch's contents (and the seed): evaluation is repeatable."""
         weights = jnp.arange(1, tokens.shape[1] + 1, dtype=jnp.uint32)
         digest = jnp.sum(tokens.astype(jnp.uint32) * weights, dtype=jnp.uint32)
-        return jax.random.fold_in(jax.random.PRNGKey(self.config.seed), digest)
+        return jax.random.fold_in(jax.random.PRNGKey(self.seed), digest)
 
     def eval_sums(self, params, batch):
         tokens = batch["tokens"][:, :-1]
@@ -206,21 +226,12 @@ class MaskedLanguageModelTask(LanguageModelTask):
                 "count": jnp.sum(masked).astype(jnp.float32)}
 
     def final_report(self, params) -> str:
-        if self.config.final_sample_tokens <= 0:
+        if self.final_sample_tokens <= 0:
             return ""
         text = b"    def __init__(self, name, value=None):\n        self.name = name\n"
         tokens = jnp.asarray([list(text)], jnp.int32)
-        inputs, masked = self.mask_tokens(tokens, jax.random.PRNGKey(self.config.seed))
+        inputs, masked = self.mask_tokens(tokens, jax.random.PRNGKey(self.seed))
         predicted = jnp.argmax(self.model.apply({"params": params}, inputs), -1)
         filled = jnp.where(masked, predicted, tokens)[0]
         shown = lambda t: bytes(int(b) if b < 256 else ord("_") for b in t).decode("utf-8", "replace")  # noqa: E731
         return f"Masked bytes (shown as _) and the model's fill-in:\n{shown(inputs[0])}{shown(filled)}"
-
-
-TASKS = {"lm": LanguageModelTask, "mlm": MaskedLanguageModelTask, "diffusion": DiffusionTask}
-
-
-def get_task(config):
-    _check_choice("task", config.task, TASKS)
-    return TASKS[config.task](config)
-

@@ -1,0 +1,2 @@
+"""The diffusion family: task 'diffusion' (a U-Net denoiser on digits or CIFAR-10), its image data, sample
+quality (FCD/KID) and the sampling/NLL/table CLI (python -m train_lib.diffusion.sample)."""
