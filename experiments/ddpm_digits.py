@@ -19,7 +19,7 @@ Variants (`get_config(arg)`: a variant, then presets after commas):
              python -m train_lib.main --config=experiments/ddpm_digits.py:cifar10 --workdir=DIR \
                --config.data.path=/path/to/cifar-10-batches-py
   tiny     a U-Net of a few thousand parameters and a 100-step schedule: for tests (seconds).
-  unet_peer  the `digits` model, named for the speed benchmark against diffusers (issue 7). The matching
+  unet_peer  the `digits` model, named for the speed benchmark against diffusers. The matching
            diffusers model is `UNet2DModel(sample_size=8, in_channels=1, out_channels=1,
            block_out_channels=(32, 64), layers_per_block=1, down_block_types=("DownBlock2D",
            "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
@@ -81,6 +81,20 @@ K = 1000), and DDIM η=0 is best or tied throughout. One model, one seed, 360 sa
 previous run, with nn.Dropout's masks, had the same NLLs to ±0.004 bits/dim for σ²=β and Analytic-DPM, and
 FCDs within 0.5 at K ≥ 50, 0.62 at K = 25 and 1.23 at K = 10).
 
+The official Analytic-DPM code's sampling conventions (preset `official_sampling`, or the sampling CLI's
+`--eps_from_clipped_x0=False --second_last_sigma_pixels=P`; README "Results" has the commands): FCD of 360
+samples of a retrained model (7 min 56 s, same FCDs as above to ±0.004), today's defaults vs official:
+
+  | sampler (official setting) | K=10 today | K=10 official | K=50 today | K=50 official |
+  |---|---|---|---|---|
+  | DDIM η=0 (network's ε̂, no cap) | 6.150 | 6.084 | 3.923 | 4.465 |
+  | Analytic-DDIM η=0 (network's ε̂, cap 1 level) | 9.619 | 9.292 | 4.101 | 4.789 |
+  | Analytic-DDPM (cap 2 levels) | 11.412 | 11.412 | 5.917 | 5.917 |
+  | DDPM σ²=β (cap 1 level) | 28.454 | 14.953 | 6.456 | 6.456 |
+
+  The network's ε̂ in DDIM's direction term is mixed at K=10 and worse at K=50, so the default stays; the
+  cap on the last noisy step's σ² only matters where that σ² is large (DDPM σ²=β at K=10: 28.5 → 15.0).
+
 Samples (16 per row; for each K, the five samplers in the order above; rows of DDIM repeat across K
 because its x_T and path are deterministic): experiments/figures/ddpm_digits_samples.png.
 """
@@ -113,7 +127,7 @@ _VARIANTS = {
     "cifar10": (128, (1, 2, 2, 2), 2, (16,), 32, 0.1, 128, 800_000, 2e-4, 5000, 0.9999, 1000),
     "tiny": (8, (1, 2), 1, (4,), 4, 0.0, 16, 30, 3e-3, 5, 0.99, 100),
 }
-# The speed benchmark against diffusers (issue 7) is the digits model itself; tests/peers/ builds the
+# The speed benchmark against diffusers is the digits model itself; tests/peers/ builds the
 # matching diffusers UNet2DModel (see the docstring).
 _VARIANTS["unet_peer"] = _VARIANTS["digits"]
 

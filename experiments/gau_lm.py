@@ -13,7 +13,7 @@ Variants:
   tiny   d=128, 4 GAUs, s=64, length 128, batch 16, 1,000 steps. See README "The demo" for its time and curve.
   small  d=256, 8 GAUs (≈ 4 Transformer layers), s=128, length 256, batch 16, 3,000 steps: CPU research runs.
   base   GAU-α size: d=768, 24 GAUs, e=1536, s=128, length 512, batch 128, bf16, softmax: accelerators.
-  flash_peer  the speed benchmark against FLASH-pytorch (issue 7): 4 FLASH layers (the `flash` preset), d=256,
+  flash_peer  the speed benchmark against FLASH-pytorch: 4 FLASH layers (the `flash` preset), d=256,
          expansion 2, s=128, chunk (group) 128, vocabulary 256, batch 8 × length 512, float32:
            python -m train_lib.benchmark --config=experiments/gau_lm.py:flash_peer
            python tests/peers/compare.py flash     # against FLASH-pytorch (needs a PyTorch venv; see there)
@@ -92,7 +92,7 @@ _VARIANTS = {
     "tiny": (4, 128, 64, 128, 16, 1000, 3e-3, 100),
     "small": (8, 256, 128, 256, 16, 3000, 2e-3, 200),
     "base": (24, 768, 128, 512, 128, 100_000, 1e-3, 2000),
-    # FLASH-pytorch's benchmark model (issue 7): FLASH attention, expansion 2, group (chunk) 128.
+    # FLASH-pytorch's benchmark model: FLASH attention, expansion 2, group (chunk) 128.
     "flash_peer": (4, 256, 128, 512, 8, 1000, 2e-3, 100),
 }
 

@@ -1,4 +1,4 @@
-"""Alternate our jitted train step with a PyTorch peer's and compare throughput (issue 7).
+"""Alternate our jitted train step with a PyTorch peer's and compare throughput.
 
 Runs under the project's venv; each peer runs in its own PyTorch venv (`make peers-venv`):
 
@@ -42,7 +42,7 @@ COMPARISONS = {
         "peer_script": HERE / "flash_pytorch_peer.py",
         "ours_args": ["--config=experiments/gau_lm.py:flash_peer"],
         "unit": "tokens",
-        "target": 1.5,  # issue 7's targets: ours / peer
+        "target": 1.5,  # the targets set for the peer comparison: ours / peer
     },
     "unet": {
         "peer_script": HERE / "diffusers_unet_peer.py",
