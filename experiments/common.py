@@ -75,7 +75,8 @@ def optimizer_config(name: str, *, learning_rate: float, warmup_steps: int, end_
         raise KeyError(f"optimizer_config: {name} takes {sorted(own)}, not {sorted(unknown)}")
     return ml_collections.ConfigDict({
         "name": name, "learning_rate": learning_rate, "warmup_steps": warmup_steps, "end_lr_factor": end_lr_factor,
-        "weight_decay": weight_decay, "grad_clip_norm": grad_clip_norm, **{k: values.get(k, v) for k, v in own.items()}})
+        "weight_decay": weight_decay, "grad_clip_norm": grad_clip_norm,
+        **{k: values.get(k, v) for k, v in own.items()}})
 
 
 def _switch_optimizer(name: str) -> Callable:

@@ -7,7 +7,7 @@ Run (the `tiny` variant is what `make demo` runs):
 
   python -m train_lib.main --config=experiments/gau_lm.py:tiny --workdir=runs/demo
   python -m train_lib.main --config=experiments/gau_lm.py:small --workdir=runs/gau_small
-  python -m train_lib.main --config=experiments/gau_lm.py:base --workdir=gs://.../gau_base   # accelerators
+  python -m train_lib.main --config=experiments/gau_lm.py:base --workdir=/shared/gau_base  # accelerators
 
 Variants:
   tiny   d=128, 4 GAUs, s=64, length 128, batch 16, 1,000 steps. See README "The demo" for its time and curve.
@@ -152,9 +152,9 @@ def get_config(arg: str | None = "tiny") -> ml_collections.ConfigDict:
 def _base_config(arg: str) -> ml_collections.ConfigDict:
     layers, d, s, seq_len, batch, steps, lr, warmup = _VARIANTS[arg]
     every = {"tiny": 250, "base": 5000}.get(arg, 500)
-    config = common.trainer_config(task="lm", total_steps=steps, batch_size=batch, logical_axis_rules=LOGICAL_AXIS_RULES,
-                                   log_every_steps=50 if arg != "base" else 100, eval_every_steps=every,
-                                   checkpoint_every_steps=every, ema_decay=0.999)
+    config = common.trainer_config(task="lm", total_steps=steps, batch_size=batch,
+                                   logical_axis_rules=LOGICAL_AXIS_RULES, log_every_steps=50 if arg != "base" else 100,
+                                   eval_every_steps=every, checkpoint_every_steps=every, ema_decay=0.999)
     config.final_sample_tokens = 200  # bytes of text sampled and printed at the end (0: none)
 
     config.data = ml_collections.ConfigDict()

@@ -254,7 +254,6 @@ class Checkpointer:
                 if mismatch:
                     return _MISMATCH, mismatch
                 evidence = self.damage_evidence(step)
-                time.sleep(1.0)  # let the reads still in flight finish (and fail) while fd 2 is filtered
                 return (_DAMAGED, evidence) if evidence else (_ERROR, error)
 
     def damage_evidence(self, step: int) -> str | None:
@@ -269,6 +268,7 @@ class Checkpointer:
             restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
             ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
         except Exception as error:  # noqa: BLE001
+            time.sleep(1.0)  # let TensorStore's reads still in flight finish (and fail) before anyone goes on
             return _one_line(error) if _DAMAGE_EVIDENCE.search(str(error)) else None
         return None
 

@@ -133,9 +133,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """
     if any(arg in _HELP for arg in argv[1:]):
         print_help()
-    config_names = tuple(name for name, flag in flags.FLAGS._flags().items()
-                         if type(flag).__name__ == "_ConfigFlag")
-    argv = _resolve_config_flags(argv, config_names)
+    argv = _resolve_config_flags(argv, ("config",) if "config" in flags.FLAGS else ())  # every CLI's --config
     try:
         flags.FLAGS(argv)
     except flags.Error as e:

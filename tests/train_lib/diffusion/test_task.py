@@ -210,7 +210,8 @@ def test_tiny_model_trains_and_evaluates(tmp_path, capsys):
 @pytest.mark.slow
 def test_sharded_mesh_matches_single_device(tmp_path):
     """(data, fsdp, model) = (2, 2, 2) over 8 devices trains like 1 device: conditional, v-prediction, ELBO."""
-    overrides = dict(total_steps=4, model__num_classes=10, diffusion__label_dropout=0.2, diffusion__prediction="v",
+    overrides = dict(total_steps=4, optimizer__warmup_steps=2, model__num_classes=10, diffusion__label_dropout=0.2,
+                     diffusion__prediction="v",
                      diffusion__weighting="elbo")
     trainer.train_and_evaluate(make_config(mesh__data=2, mesh__fsdp=2, mesh__model=2, **overrides),
                                str(tmp_path / "mesh"))
