@@ -35,7 +35,8 @@ Presets: `v` / `x0` (what the network predicts), `elbo` (the variational-bound w
 DDPM's "simple" one), `cosine` (the cosine schedule), `conditional` (class-conditional U-Net through
 conditional GroupNorm, labels from the data, 10% label dropout so it also samples unconditionally),
 `official_sampling` (the official Analytic-DPM code's sampling conventions as the `sample` defaults: DDIM
-keeps the network's ε̂ when x̂₀ is clipped, and the last noisy step's σ² is capped at 1 grey level), and
+keeps the network's ε̂ when x̂₀ is clipped, and the last noisy step's σ² is capped at 1 grey level, the
+official setting for Analytic-DDIM and DDPM σ²=β; its Analytic-DDPM uses 2), and
 the optimizers of experiments/common.py (`adamw`, the default, `adafactor`, `sgd`, `lion`), e.g.
 `--config=experiments/ddpm_digits.py:digits,v,conditional`.
 

@@ -19,16 +19,13 @@ With several processes each classifies its own attempt and all act on the worst 
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
-import os
+import math
 import pathlib
 import re
 import shutil
-import sys
-import tempfile
 import time
 from typing import Any
 
@@ -39,55 +36,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train_lib import library_quirks
 from train_lib.config_lib import ConfigError
 
 log = logging.getLogger(__name__)
 
-# Replica-parallel saving splits each replicated array across its replicas so that they write in
-# parallel. That pays for large arrays on many hosts; for small ones it only costs a compiled slice
-# per array shape and device, so only slices of at least this size are split.
-_MIN_REPLICA_PARALLEL_SLICE_BYTES = 8 << 20
-logging.getLogger("absl").disabled = True  # silence the "overriding jax.Array" notice of the next call
-ocp.type_handlers.register_type_handler(
-    jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=_MIN_REPLICA_PARALLEL_SLICE_BYTES),
-    override=True)
-logging.getLogger("absl").disabled = False
-
-
-# Pieces of the "Event loop is closed" tracebacks; several threads print them at once, interleaved
-# even within lines, so they are removed piece by piece and the lines left empty dropped.
-_CLOSED_LOOP_PIECES = re.compile(
-    r"Traceback \(most recent call last\):|File \"[^\"]*asyncio/base_events\.py\", line \d+, in \w+|"
-    r"self\._check_closed\(\)|raise RuntimeError\('Event loop is closed'\)|RuntimeError: |Event loop is closed")
-
-
-@contextlib.contextmanager
-def _without_closed_loop_tracebacks():
-    """Drops the tracebacks that TensorStore prints while a damaged checkpoint fails to restore.
-
-    When one array of a damaged checkpoint fails to read, Orbax closes its event loop while reads of
-    other arrays are still finishing on TensorStore threads; their callbacks then fail and print
-    'RuntimeError: Event loop is closed' tracebacks straight to file descriptor 2 (not through
-    sys.excepthook). The failure itself is reported by `restore_newest_usable` as one warning, so
-    fd 2 is captured for the duration of the restore and replayed without those lines.
-    """
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        except BaseException:
-            time.sleep(1.0)  # let the reads still in flight finish (and fail) while fd 2 is captured
-            raise
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            text = _CLOSED_LOOP_PIECES.sub("", captured.read().decode("utf-8", "replace"))
-            sys.stderr.write("".join(line for line in text.splitlines(keepends=True) if line.strip()))
-            sys.stderr.flush()
+library_quirks.register_array_handler()
 
 
 class CheckpointError(RuntimeError):
@@ -160,14 +114,10 @@ class Checkpointer:
         me = jax.process_index()
         local = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
                                                    barrier_sync_key_prefix=f"restore_{me}")
-        absl_log = logging.getLogger("absl")
-        absl_log.disabled = True  # Orbax explains at length what read_only implies; it is what we ask for
-        try:
+        with library_quirks.quiet_absl():  # Orbax explains at length what read_only implies: what we ask for
             self._reader = ocp.CheckpointManager(
                 self.directory, item_handlers=self._handlers(),
                 options=ocp.CheckpointManagerOptions(read_only=True, multiprocessing_options=local))
-        finally:
-            absl_log.disabled = False
         # Reading a workdir back (read_only) writes nothing into it.
         self.manager = self._reader if read_only else ocp.CheckpointManager(
             self.directory, item_handlers=self._handlers(),
@@ -217,7 +167,7 @@ class Checkpointer:
         steps = sorted(self._reader.all_steps(), reverse=True)
         moved = []
         for step in steps:
-            outcome, result = self._try_restore(step, abstract_state, data_iterator is not None)
+            outcome, result = self.try_restore(step, abstract_state, data_iterator is not None)
             agreed = _agree(outcome)
             if agreed == _OK:
                 if data_iterator is not None:
@@ -226,13 +176,10 @@ class Checkpointer:
                 return result["state"]
             if agreed == _MISMATCH:
                 detail = result if outcome == _MISMATCH else "another process found other arrays than the config's"
-                raise CheckpointMismatchError(self._mismatch_message(step, *detail, moved) if outcome == _MISMATCH
+                raise CheckpointMismatchError(self.mismatch_message(step, *detail, moved) if outcome == _MISMATCH
                                               else f"checkpoint {self.directory / str(step)}: {detail}")
             if agreed == _ERROR:
-                cause = _one_line(result) if outcome == _ERROR else "another process failed to restore it"
-                raise CheckpointRestoreError(
-                    f"restoring checkpoint {self.directory / str(step)} failed ({cause}); its files read back "
-                    "whole, so it is not damaged and was left in place: fix the cause and rerun the same command")
+                raise CheckpointRestoreError(self._restore_error_message(step, outcome, result))
             evidence = result if outcome == _DAMAGED else "damaged as another process read it"
             log.warning("checkpoint %s is damaged (%s); moving it to damaged_checkpoints/ and trying the previous "
                         "one", self.directory / str(step), evidence)
@@ -244,33 +191,62 @@ class Checkpointer:
                                   "--config.start_fresh_if_checkpoints_unusable=True to train from scratch instead")
         return None
 
-    def _try_restore(self, step: int, abstract_state: Any, with_data: bool) -> tuple[int, Any]:
-        """(outcome, restored items | mismatch (description, fields) | evidence of damage | the error)."""
-        with _without_closed_loop_tracebacks():
+    def try_restore(self, step: int, abstract_state: Any, with_data: bool) -> tuple[int, Any]:
+        """(outcome, result) of restoring checkpoint `step` on this process alone: (_OK, restored items),
+        (_MISMATCH, (description, fields)), (_DAMAGED, evidence) or (_ERROR, (error, the read-back error or
+        None))."""
+        with library_quirks.without_closed_loop_tracebacks():
             try:
                 return _OK, self._restore_items(step, abstract_state, with_data)
             except Exception as error:  # noqa: BLE001  (classified below, by what the files show)
                 mismatch = self._mismatch(step, abstract_state)
+                evidence, read_back_error = (None, None) if mismatch else self.damage_evidence(step, with_data=with_data)
+                library_quirks.let_failed_reads_finish()  # while fd 2 is still filtered
                 if mismatch:
                     return _MISMATCH, mismatch
-                evidence = self.damage_evidence(step)
-                return (_DAMAGED, evidence) if evidence else (_ERROR, error)
+                return (_DAMAGED, evidence) if evidence else (_ERROR, (error, read_back_error))
 
-    def damage_evidence(self, step: int) -> str | None:
-        """Why checkpoint `step` is damaged, if reading it back says so: its metadata or array files are
-        missing, truncated or unreadable. None if every array reads back whole (the checkpoint is fine) or
-        the reading fails for another reason (memory, storage, permissions), which proves nothing."""
-        path = self.directory / str(step) / "state"
+    def damage_evidence(self, step: int, *, with_data: bool = True,
+                        budget_bytes: int = 256 << 20) -> tuple[str | None, str | None]:
+        """(why checkpoint `step` is damaged, the error of a read-back that shows nothing), by reading its
+        files back on this process alone: the data position and every array, to host memory, a group of
+        at most `budget_bytes` at a time. Damage is missing, truncated or unreadable metadata or data
+        (`_DAMAGE_EVIDENCE`); another failure (memory, storage, permissions) proves nothing. (None, None):
+        everything reads back whole."""
+        me = jax.process_index()
+        local = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me},
+                                                   barrier_sync_key_prefix=f"evidence_{me}")
+        checker = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=local),
+                                   multiprocessing_options=local)
         try:
-            metadata = self._reader.item_metadata(step)["state"]
+            if with_data:
+                self._reader.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+            path = self.directory / str(step) / "state"
+            metadata = checker.metadata(path).item_metadata
             if metadata is None:
-                return f"no readable metadata in {path}"
-            restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-            ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+                return f"no readable metadata in {path}", None
+            leaves, treedef = jax.tree_util.tree_flatten(metadata.tree)
+            for group in _groups([math.prod(m.shape) * np.dtype(m.dtype).itemsize for m in leaves], budget_bytes):
+                pick = lambda value: [value if i in group else ocp.PLACEHOLDER for i in range(len(leaves))]  # noqa
+                checker.restore(path, args=ocp.args.PyTreeRestore(
+                    item=jax.tree_util.tree_unflatten(treedef, pick(0)),
+                    restore_args=jax.tree_util.tree_unflatten(treedef, pick(ocp.RestoreArgs(restore_type=np.ndarray)))))
         except Exception as error:  # noqa: BLE001
-            time.sleep(1.0)  # let TensorStore's reads still in flight finish (and fail) before anyone goes on
-            return _one_line(error) if _DAMAGE_EVIDENCE.search(str(error)) else None
-        return None
+            library_quirks.let_failed_reads_finish()
+            damaged = isinstance(error, (json.JSONDecodeError, FileNotFoundError)) or _DAMAGE_EVIDENCE.search(str(error))
+            return (_one_line(error), None) if damaged else (None, _one_line(error))
+        return None, None
+
+    def _restore_error_message(self, step: int, outcome: int, result) -> str:
+        where = self.directory / str(step)
+        if outcome != _ERROR:
+            return (f"restoring checkpoint {where} failed on another process (its error is in that process's log); "
+                    "it was left in place: fix the cause and rerun the same command")
+        error, read_back_error = result
+        shown = ("its files read back whole, so it is not damaged" if read_back_error is None else
+                 f"reading its files back failed too ({read_back_error}), which does not show them damaged")
+        return (f"restoring checkpoint {where} failed ({_one_line(error)}); {shown}, and it was left in place: fix "
+                "the cause and rerun the same command")
 
     def _mismatch(self, step: int, abstract_state: Any) -> tuple[str, set[str]] | None:
         """(how checkpoint `step`'s arrays differ from `abstract_state`'s, the top-level fields that differ);
@@ -285,7 +261,7 @@ class Checkpointer:
             return None
         return description, {path.split("/", 1)[0] for paths in _differences(saved, wanted) for path in paths}
 
-    def _mismatch_message(self, step: int, description: str, fields: set[str], moved: list[int]) -> str:
+    def mismatch_message(self, step: int, description: str, fields: set[str], moved: list[int]) -> str:
         if "params" in fields:
             cause = "another model (model.*: e.g. num_layers, embed_dim, scan_layers)"
         elif fields == {"ema_params"}:
@@ -328,6 +304,18 @@ class Checkpointer:
         if self.manager is not self._reader:
             self.manager.close()
         self._reader.close()
+
+
+def _groups(sizes: list[int], budget: int) -> list[set[int]]:
+    """Consecutive indices of `sizes` in groups whose total stays within `budget` (a larger one alone)."""
+    groups, current, total = [], set(), 0
+    for index, size in enumerate(sizes):
+        if current and total + size > budget:
+            groups.append(current)
+            current, total = set(), 0
+        current.add(index)
+        total += size
+    return groups + ([current] if current else [])
 
 
 def _agree(outcome: int) -> int:
@@ -416,12 +404,12 @@ def restore_params(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh: j
             shardings = sharding.state_shardings(boxed, mesh, rules)
         abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state_lib.unbox(boxed),
                                 shardings)
-        outcome, result = checkpointer._try_restore(step, abstract, False)
+        outcome, result = checkpointer.try_restore(step, abstract, False)
         if outcome == _MISMATCH:
-            raise CheckpointMismatchError(checkpointer._mismatch_message(step, *result, []))
+            raise CheckpointMismatchError(checkpointer.mismatch_message(step, *result, []))
         if outcome != _OK:
             raise ConfigError(f"--workdir: checkpoint {workdir / 'checkpoints' / str(step)} cannot be read ("
-                              f"{result if outcome == _DAMAGED else _one_line(result)})")
+                              f"{result if outcome == _DAMAGED else _one_line(result[0])})")
     finally:
         checkpointer.close()
     state = result["state"]

@@ -107,10 +107,26 @@ def resolve_config_path(value: str) -> str:
         fail(f"config: {path} line {e.lineno}: SyntaxError: {e.msg}; fix the experiment file")
     except (OSError, UnicodeDecodeError) as e:
         fail(f"config: cannot read experiment file {path!r}: {e}")
-    if not any(isinstance(node, ast.FunctionDef) and node.name == "get_config" for node in tree.body):
+    if "get_config" not in _top_level_names(tree):
         fail(f"config: {path} defines no get_config(arg) function; an experiment file returns its ConfigDict from "
              "get_config (see experiments/gau_lm.py)")
     return path + sep + arg
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    """Names a module binds at its top level: functions, classes, assignments and imports."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.If, ast.Try)):  # e.g. a get_config defined under `if` or `try`
+            names |= _top_level_names(ast.Module(body=[*node.body, *getattr(node, "orelse", [])], type_ignores=[]))
+    return names
 
 
 def _resolve_config_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:

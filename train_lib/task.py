@@ -16,7 +16,7 @@ The contract, in the order the trainer uses it:
   task.datasets(rows)                    # grain pipelines of this process's rows of each global batch
   task.value_and_grad(params, batch, rng)  # ((loss, aux), grads): jax.value_and_grad of task.loss
   task.eval_sums(params, batch)          # summed over the eval batches, then task.summarize_eval
-  task.final_report(host_params)         # process 0, host-local parameters: text printed at the end
+  task.final_report(host_params)         # if task.has_final_report: process 0, host-local parameters
 
 Losses: `loss` returns a scalar mean over the batch's examples and scalar auxiliary metrics. Gradient
 accumulation over equal microbatches then averages to the large-batch gradient. A loss that is not a
@@ -51,6 +51,7 @@ class Task(Protocol):
     loss_is_example_mean: ClassVar[bool]  # False: the trainer refuses gradient accumulation
 
     config: Any  # the experiment config
+    has_final_report: bool  # whether final_report has anything to say (else the parameters are not gathered)
     throughput_unit: str  # what a batch is counted in: 'tokens', 'images', 'examples'
     units_per_batch: int  # throughput units in one global batch
     compute_dtype: str  # dtype of the model's matmuls ('float32', 'bfloat16'): the MFU peak is measured in it
@@ -101,6 +102,7 @@ class TaskBase:
     loss_is_example_mean: ClassVar[bool] = True
     throughput_unit = "examples"
     compute_dtype = "float32"
+    has_final_report = False
 
     def __init__(self, config):
         self.config = config

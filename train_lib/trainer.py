@@ -233,8 +233,9 @@ def _acquire_everywhere(lock: WorkdirLock) -> None:
     if jax.process_index() == 0:
         try:
             lock.acquire()
-        except ConfigError as e:
-            error = e
+        except Exception as e:  # noqa: BLE001  (any failure here must reach the other processes too)
+            error = e if isinstance(e, ConfigError) else ConfigError(
+                f"--workdir: cannot take {lock.path}: {type(e).__name__}: {e}")
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         busy = int(multihost_utils.broadcast_one_to_all(np.asarray(error is not None, np.int32)))
@@ -329,6 +330,7 @@ def _train(config, settings, task, optimizer, schedule, mesh_shape, workdir, is_
         eval_results: dict[str, float] = {}
         timer_start, timer_steps = None, 0
         last_step = settings.total_steps if stop_at_step is None else min(stop_at_step, settings.total_steps)
+        last_step = max(last_step, start_step)  # a --stop_at_step the workdir is already past trains nothing
         preempted_by = None
         try:
             for step in range(start_step + 1, last_step + 1):
@@ -383,20 +385,28 @@ def _train(config, settings, task, optimizer, schedule, mesh_shape, workdir, is_
 
         # The parameters for the report are gathered to every host: a collective all processes join.
         finished = not preempted_by and last_step == settings.total_steps
-        if finished:
+        reporting = finished and task.has_final_report
+        if reporting:
             params = sharding.host_local(state.ema_params if state.ema_params is not None else state.params)
 
     # ----------------------------------------------------------------------------------------------
-    # Report: process 0 alone, outside the mesh (so its computations stay on its own devices and no
-    # process waits on another), from host-local parameters.
+    # Report: process 0 alone, outside the mesh (so its computations stay on its own devices), from
+    # host-local parameters; the others wait for it in a barrier, not in JAX's shutdown (which times out).
     # ----------------------------------------------------------------------------------------------
     report = ""
     if finished and is_main:
         plot_curves(workdir)
-        report = task.final_report(params)
+        report = task.final_report(params) if reporting else ""
+    if reporting and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("end-of-run report written")
     if preempted_by:
         log.warning("%s: stopped after step %d with a checkpoint; rerun the same command to continue",
                     preempted_by, last_step)
+    elif not finished and stop_at_step < start_step:
+        log.warning("--stop_at_step=%d: the workdir's newest checkpoint is at step %d already, so nothing was "
+                    "trained; rerun without --stop_at_step to continue to %d", stop_at_step, start_step,
+                    settings.total_steps)
     elif not finished:
         log.warning("--stop_at_step=%d: stopped after step %d of %d with a checkpoint; rerun the same command "
                     "without --stop_at_step to continue", stop_at_step, last_step, settings.total_steps)

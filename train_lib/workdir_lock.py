@@ -10,6 +10,7 @@ taken over with a warning, so a run killed by SIGKILL never blocks its own resta
 from __future__ import annotations
 
 import datetime
+import fcntl
 import json
 import logging
 import os
@@ -63,7 +64,17 @@ class WorkdirLock:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> None:
-        for _ in range(3):  # a concurrent start may remove or replace a stale lock between our steps
+        # The check-and-take-over of a stale lock is one critical section among starting runs (flock on a
+        # guard file beside it), so two runs that both find a lock stale cannot both take it.
+        with open(self.path.with_name(LOCK_NAME + ".guard"), "a") as guard:
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            try:
+                self._acquire()
+            finally:
+                fcntl.flock(guard, fcntl.LOCK_UN)
+
+    def _acquire(self) -> None:
+        for _ in range(3):  # a lock being written right now is read again
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -100,11 +111,13 @@ class WorkdirLock:
             if holder is None:
                 time.sleep(0.5)
                 return None
+        if not isinstance(holder, dict):
+            holder = {}
         return {**holder, "age": age}
 
     def _stale_reason(self, holder: dict) -> str | None:
-        if not holder.get("pid"):
-            return "the lock file is unreadable"
+        if not isinstance(holder.get("pid"), int) or not isinstance(holder.get("host"), str):
+            return "the lock file does not name a process"
         if holder.get("host") == self._owner["host"]:
             if not _alive(int(holder["pid"]), holder.get("start_ticks")):
                 return "that process no longer runs"
@@ -116,8 +129,11 @@ class WorkdirLock:
     def _heartbeat(self) -> None:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
+                if json.loads(self.path.read_text()).get("pid") != self._owner["pid"]:
+                    log.warning("%s was taken over by another run; this run no longer holds it", self.path)
+                    return
                 os.utime(self.path)
-            except OSError:
+            except (OSError, ValueError, AttributeError):
                 return
 
     def release(self) -> None:

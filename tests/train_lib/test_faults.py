@@ -74,6 +74,9 @@ def _train(workdir, total, **overrides):
 
 
 def _damage(step_dir: pathlib.Path, how: str):
+    if how == "data":  # the data position (grain's iterator state, JSON) cut short
+        (step_dir / "data" / "metadata").write_text('{"next_in')
+        return
     files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file() and "/d/" in str(p)),
                    key=lambda p: p.stat().st_size)
     assert files, list(step_dir.rglob("*"))
@@ -85,7 +88,7 @@ def _damage(step_dir: pathlib.Path, how: str):
             f.unlink()
 
 
-@pytest.mark.parametrize("how", ["truncate", "delete"])
+@pytest.mark.parametrize("how", ["truncate", "delete", "data"])
 def test_damaged_newest_checkpoint_falls_back_to_previous(tmp_path, how):
     workdir = tmp_path / "run"
     first = _train(workdir, 12, checkpoint_every_steps=3)
@@ -242,7 +245,7 @@ def test_a_restore_failing_for_another_reason_stops_and_moves_nothing(tmp_path, 
         trainer.train_and_evaluate(config(), str(tmp_path))
     message = str(info.value)
     assert message.startswith(f"restoring checkpoint {tmp_path / 'checkpoints' / '6'} failed ({type(error).__name__}: ")
-    assert str(error) in message and "not damaged and was left in place" in message
+    assert str(error) in message and "its files read back whole, so it is not damaged, and it was left in place" in message
     assert attempts == [6] and _steps(tmp_path) == [3, 6] and not (tmp_path / "damaged_checkpoints").exists()
     monkeypatch.undo()
     result = trainer.train_and_evaluate(config(), str(tmp_path))
@@ -263,10 +266,14 @@ def test_damage_evidence_reads_the_files_back():
     shutil.copytree(REPO / "tests" / "fixtures" / "lm_workdir_2b2d81e", workdir)
     checkpointer = checkpointing.Checkpointer(workdir / "checkpoints", keep=3)
     try:
-        assert checkpointer.damage_evidence(2) is None  # intact
+        assert checkpointer.damage_evidence(2, budget_bytes=1) == (None, None)  # intact, read one array at a time
+        (workdir / "checkpoints" / "2" / "data" / "metadata").write_text('{"next_ind')  # the data position cut short
+        evidence, _ = checkpointer.damage_evidence(2)
+        assert evidence and "JSONDecodeError" in evidence, evidence
+        assert checkpointer.damage_evidence(2, with_data=False) == (None, None)
         _damage(workdir / "checkpoints" / "2", "truncate")
-        evidence = checkpointer.damage_evidence(2)
-        assert evidence and ("OUT_OF_RANGE" in evidence or "FAILED_PRECONDITION" in evidence), evidence
+        evidence, read_back_error = checkpointer.damage_evidence(2, with_data=False)
+        assert evidence and read_back_error is None  # truncated array files: metadata or data unreadable
     finally:
         checkpointer.close()
         shutil.rmtree(workdir.parent)

@@ -121,3 +121,30 @@ def test_two_processes_agree_to_set_a_damaged_checkpoint_aside(tmp_path):
         assert "resuming at step 3" in err or p is procs[1]
     assert "checkpoints/6 is damaged" in outputs[0][1] and len(list((tmp_path / "damaged_checkpoints").iterdir())) == 1
     assert sorted(_losses(tmp_path)) == list(range(1, 10))
+
+
+def test_a_restore_failing_on_one_process_stops_both_and_moves_nothing(tmp_path):
+    """The processes agree on one outcome: process 1's (injected) out-of-memory error stops both, promptly,
+    although process 0 restored the checkpoint; nothing is moved."""
+    from tests.train_lib.test_faults import _steps
+    port = portpicker.pick_unused_port()
+    procs = [_start(tmp_path, i, port, "--stop_at_step=3", total=9) for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=400) == 0, p.communicate()[1][-3000:]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": str(REPO)}
+    port = portpicker.pick_unused_port()
+    launcher = str(REPO / "tests" / "train_lib" / "restore_failure_launcher.py")
+    procs = [subprocess.Popen([sys.executable, launcher, "1", *ARGS, f"--workdir={tmp_path}",
+                               *cli_overrides(total_steps=9), f"--coordinator_address=127.0.0.1:{port}",
+                               "--num_processes=2", f"--process_id={i}"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    start = time.time()
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert time.time() - start < 120
+    assert [p.returncode for p in procs] == [1, 1], [err[-2000:] for _, err in outputs]
+    last = [err.strip().splitlines()[-1] for _, err in outputs]
+    assert last[1].startswith(f"error: restoring checkpoint {tmp_path / 'checkpoints' / '3'} failed (RuntimeError: "
+                              "RESOURCE_EXHAUSTED: out of memory (injected on process 1))")
+    assert "failed on another process" in last[0] and "left in place" in last[0]
+    assert _steps(tmp_path) == [3] and not (tmp_path / "damaged_checkpoints").exists()

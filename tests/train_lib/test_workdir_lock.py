@@ -30,7 +30,8 @@ def test_a_live_holder_refuses_a_second_run_and_nothing_is_written(tmp_path):
         with pytest.raises(WorkdirBusyError, match=rf"in use by the run started 2026-12-01T10:00:00\+00:00 on host "
                                                    rf"{socket.gethostname()} \(pid {holder.pid}\)"):
             trainer.train_and_evaluate(make_config(total_steps=2), str(tmp_path))
-        assert sorted(p.name for p in tmp_path.iterdir()) == [workdir_lock.LOCK_NAME]  # no config, metrics, checkpoints
+        # no config, metrics or checkpoints: only the lock and the guard file starting runs take turns on
+        assert sorted(p.name for p in tmp_path.iterdir()) == [workdir_lock.LOCK_NAME, workdir_lock.LOCK_NAME + ".guard"]
     finally:
         holder.kill()
         holder.wait()
@@ -44,6 +45,16 @@ def test_a_dead_holders_lock_is_taken_over_with_a_warning_and_released_at_the_en
         trainer.train_and_evaluate(make_config(total_steps=2), str(tmp_path))
     assert f"from pid {dead.pid}" in caplog.text and "that process no longer runs" in caplog.text
     assert not path.exists() and (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def test_a_lock_file_that_names_no_process_is_taken_over(tmp_path, caplog):
+    for text in ("[]", '{"pid": "x", "host": 3}'):
+        (tmp_path / workdir_lock.LOCK_NAME).write_text(text)
+        lock = WorkdirLock(tmp_path)
+        with caplog.at_level("WARNING"):
+            lock.acquire()
+        assert "does not name a process" in caplog.text
+        lock.release()
 
 
 def test_another_hosts_lock_is_stale_only_when_not_refreshed(tmp_path):

@@ -208,6 +208,10 @@ class DiffusionTask(TaskBase):
         # One object for the library's static `model_fn` argument: every call shares its compilations.
         self.denoiser = functools.partial(denoise, self.model)
 
+    @property
+    def has_final_report(self) -> bool:
+        return self.sample_settings.report_samples > 0
+
     @functools.cached_property
     def data(self) -> image_data.ImageDataset:
         """The train and test images, read on first use (restoring a checkpoint does not need them)."""
@@ -360,7 +364,8 @@ class DiffusionTask(TaskBase):
         schedule = schedules.respace(self.schedule, s.steps, s.spacing)
         images = samplers.sample(self.denoiser, params, jax.random.PRNGKey(self.seed), schedule=schedule,
                                  shape=(shown,) + self.image_shape, method="ddim", eta=0.0,
-                                 labels=self.sample_labels(shown), prediction=self.prediction, clip_x0=True)
+                                 labels=self.sample_labels(shown), prediction=self.prediction, clip_x0=s.clip_x0,
+                                 eps_from_clipped_x0=s.eps_from_clipped_x0)
         images = np.asarray(jax.device_get(images))
         header = f"{shown} samples (DDIM η=0, {s.steps} steps{', classes 0-9' if self.num_classes else ''})"
         if self.dataset != "digits":

@@ -100,6 +100,10 @@ class LanguageModelTask(TaskBase):
         return self.batch_size * self.seq_len
 
     @property
+    def has_final_report(self) -> bool:
+        return self.final_sample_tokens > 0
+
+    @property
     def longest_sequence(self) -> int | None:
         """The most positions the model's position encoding covers (None: any number)."""
         return MAX_LENGTH[self.model_config.position](self.model_config.max_positions)
