@@ -15,6 +15,7 @@ Every key is read by the trainer (`train_lib.config_lib.trainer_settings`), the 
 """
 from __future__ import annotations
 
+import pathlib
 from typing import Any, Callable
 
 import ml_collections
@@ -96,7 +97,7 @@ COMMON_PRESETS: dict[str, Callable] = {name: _switch_optimizer(name) for name in
 def parse_arg(arg: str | None, *, default: str, variants, presets, file: str) -> tuple[str, list[str]]:
     """'variant,preset,preset' → (variant, [presets]), each checked; an unknown one names the choices."""
     variant, *chosen = [part.strip() for part in (arg or default).split(",")]
-    name = f"experiments/{file.replace(chr(92), '/').rsplit('/', 1)[-1]}"
+    name = f"experiments/{pathlib.Path(file).name}"
     all_presets = {**COMMON_PRESETS, **presets}
     if variant not in variants:
         raise ValueError(f"unknown variant {variant!r} of {name}; expected one of {sorted(variants)} (then "

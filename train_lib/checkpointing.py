@@ -384,7 +384,7 @@ def restore_params(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh: j
     try:
         task = cls(config)
         optimizer = optim.make_optimizer(config.optimizer, config.total_steps)
-        ema = config.ema_decay > 0
+        keeps_ema = config.ema_decay > 0
     except (AttributeError, KeyError, TypeError) as e:
         raise ConfigError(f"--workdir: {str(workdir / 'config.json')!r} lacks or mistypes a key the task needs "
                           f"({' '.join(str(e).split())[:200]})") from None
@@ -395,7 +395,7 @@ def restore_params(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh: j
         step = checkpointer.latest_step()
         if step is None:
             raise ConfigError(f"--workdir: {str(workdir / 'checkpoints')!r} holds no checkpoint yet")
-        boxed = state_lib.abstract_boxed(task, optimizer, ema=ema, batch_size=1)
+        boxed = state_lib.abstract_boxed(task, optimizer, ema=keeps_ema, batch_size=1)
         if mesh is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             shardings = jax.tree.map(lambda _: device, state_lib.unbox(boxed))

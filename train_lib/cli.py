@@ -129,15 +129,14 @@ def _top_level_names(tree: ast.Module) -> set[str]:
     return names
 
 
-def _resolve_config_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
-    out, i = list(argv), 1
-    while i < len(out):
-        for name in names:
-            if out[i].startswith(f"--{name}="):
-                out[i] = f"--{name}=" + resolve_config_path(out[i].split("=", 1)[1])
-            elif out[i] == f"--{name}" and i + 1 < len(out):
-                out[i + 1] = resolve_config_path(out[i + 1])
-        i += 1
+def _resolve_config_flag(argv: list[str]) -> list[str]:
+    """argv with the FILE of `--config=FILE[:ARG]` (or `--config FILE[:ARG]`) resolved and checked."""
+    out = list(argv)
+    for i in range(1, len(out)):
+        if out[i].startswith("--config="):
+            out[i] = "--config=" + resolve_config_path(out[i].split("=", 1)[1])
+        elif out[i] == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config_path(out[i + 1])
     return out
 
 
@@ -149,7 +148,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     """
     if any(arg in _HELP for arg in argv[1:]):
         print_help()
-    argv = _resolve_config_flags(argv, ("config",) if "config" in flags.FLAGS else ())  # every CLI's --config
+    if "config" in flags.FLAGS:  # the experiment-file flag of train_lib.main, benchmark and the study scripts
+        argv = _resolve_config_flag(argv)
     try:
         flags.FLAGS(argv)
     except flags.Error as e:

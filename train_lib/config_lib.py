@@ -31,6 +31,21 @@ def lookup(config, dotted: str) -> Any:
     return value
 
 
+def dataclass_values(cls, node) -> dict[str, Any]:
+    """{field: node[field]} for the fields of dataclass `cls` that the config node has. Only those keys are
+    read, so another key of the node stays unread (and the trainer refuses it)."""
+    return {f.name: node[f.name] for f in dataclasses.fields(cls) if f.name in node}
+
+
+def read_dataclass(cls, node, prefix: str):
+    """An instance of dataclass `cls` from a config node; fields with defaults may be missing (a config
+    written before they existed)."""
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in node and f.default is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"config: missing key '{prefix}.{missing[0]}'")
+    return cls(**dataclass_values(cls, node))
+
+
 def typed(config, key: str, types: type | tuple[type, ...]) -> Any:
     """`config[key]` (dotted), checked to be of `types` (a bool is never taken for an int or a float)."""
     value = lookup(config, key)
@@ -204,7 +219,7 @@ def leaf_keys(config, prefix: str = "") -> list[str]:
     keys = []
     for key in config.keys():
         value = config[key]
-        if isinstance(value, (ml_collections.ConfigDict, RecordingView)) and len(value.keys()):
+        if isinstance(value, ml_collections.ConfigDict) and len(value.keys()):
             keys += leaf_keys(value, f"{prefix}{key}.")
         else:
             keys.append(f"{prefix}{key}")

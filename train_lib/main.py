@@ -12,7 +12,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from train_lib import cli, xla_flags
+from train_lib import cli, config_lib, xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file and variant, e.g. "
                                           "experiments/gau_lm.py:tiny (see experiments/).", lock_config=True)
@@ -26,9 +26,7 @@ def main(argv: list[str]) -> None:
     cli.parse_flags(argv)
     if not _WORKDIR.value:
         cli.fail("--workdir is required: the directory for checkpoints, metrics and logs")
-    if _STOP_AT_STEP.value is not None and _STOP_AT_STEP.value <= 0:
-        cli.fail(f"--stop_at_step must be a positive step number, got {_STOP_AT_STEP.value}; leave it out to "
-                 "train to total_steps")
+    cli.run_guarded(lambda: config_lib.check_stop_at_step(_STOP_AT_STEP.value))
     config = cli.load_config(_CONFIG)
 
     def body():

@@ -90,8 +90,9 @@ OWN_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (`grad_clip_norm` > 0), then optimizer `opt.name` with the schedule.
+def make_optimizer(opt, total_steps: int, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping (`grad_clip_norm` > 0), then optimizer `opt.name` with the schedule
+    (`learning_rate_schedule(opt, total_steps)` unless given).
 
     `opt` is `config.optimizer`. The AdamW chain is the one the checkpoints of earlier runs hold.
     """
@@ -108,7 +109,7 @@ def make_optimizer(opt, total_steps: int) -> optax.GradientTransformation:
     if clip < 0 or weight_decay < 0:
         raise ConfigError(f"config: 'optimizer.grad_clip_norm' ({clip}) and 'optimizer.weight_decay' "
                           f"({weight_decay}) must be non-negative (0 turns them off)")
-    schedule = learning_rate_schedule(opt, total_steps)
+    schedule = schedule or learning_rate_schedule(opt, total_steps)
     chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
     return optax.chain(*chain, OPTIMIZERS[name](opt, schedule, weight_decay))
 

@@ -165,8 +165,7 @@ def make_plan(settings: TrainerSettings, task, optimizer, schedule, mesh_shape: 
         mesh, nn.logical_to_mesh_axes((None, "batch") + (None,) * (ndim - 2), rules))
     rng = jax.random.PRNGKey(settings.seed)
     ema = settings.ema_decay > 0
-    boxed = jax.eval_shape(functools.partial(state_lib.boxed_init, task=task, optimizer=optimizer, ema=ema),
-                           rng, spec_batch)
+    boxed = state_lib.abstract_boxed(task, optimizer, ema=ema, batch_size=settings.batch_size, seed=settings.seed)
     state_shardings = sharding.state_shardings(boxed, mesh, rules)
     abstract_state = state_lib.unbox(boxed)
     sharding.check_divisible(abstract_state, state_shardings, mesh)
@@ -190,7 +189,7 @@ def setup(config, *, num_devices: int | None = None, num_processes: int | None =
                           "in-batch negatives), so accumulating microbatch gradients would change it; set "
                           "grad_accum_steps=1 and lower batch_size, or use the task's own chunked gradient")
     schedule = optim.learning_rate_schedule(view.optimizer, settings.total_steps)
-    optimizer = optim.make_optimizer(view.optimizer, settings.total_steps)
+    optimizer = optim.make_optimizer(view.optimizer, settings.total_steps, schedule)
     recorder.check()
     return settings, task, optimizer, schedule, mesh_shape
 

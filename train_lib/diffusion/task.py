@@ -33,7 +33,7 @@ import numpy as np
 
 from models import unet as unet_lib
 from models.diffusion import likelihood, prediction, samplers, schedules, training
-from train_lib import flops
+from train_lib import config_lib, flops
 from train_lib.config_lib import ConfigError
 from train_lib.diffusion import data as image_data
 from train_lib.input_pipeline import batched
@@ -66,9 +66,8 @@ def dataset_name(config) -> str:
 def unet_config(config, image_shape: tuple[int, int, int]) -> unet_lib.UNetConfig:
     """The `UNetConfig` of `config.model`, validated against the image shape. Only UNetConfig's fields
     are read, so another `model.*` key is left unread (and the trainer refuses it)."""
-    values = {f.name: config.model[f.name] for f in dataclasses.fields(unet_lib.UNetConfig) if f.name in config.model}
     try:
-        cfg = unet_lib.UNetConfig.from_dict(values)
+        cfg = unet_lib.UNetConfig.from_dict(config_lib.dataclass_values(unet_lib.UNetConfig, config.model))
         cfg.validate(image_shape)
     except ValueError as e:
         raise ConfigError(f"config: {e}") from None
@@ -110,15 +109,6 @@ class SampleSettings:
     gamma_images: int  # training images for Analytic-DPM's Γ
     eps_from_clipped_x0: bool = True
     second_last_sigma_pixels: float = 0.0
-
-
-def _read(cls, node, prefix: str):
-    """An instance of dataclass `cls` from the config node (its fields only; fields with defaults optional)."""
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in node and f.default is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"config: missing key '{prefix}.{missing[0]}'")
-    return cls(**{f.name: node[f.name] for f in dataclasses.fields(cls) if f.name in node})
 
 
 def validate_diffusion_config(d: DiffusionSettings, s: SampleSettings, num_classes: int) -> None:
@@ -199,8 +189,8 @@ class DiffusionTask(TaskBase):
         self.compute_dtype = self.unet_config.dtype
         self.model = unet_lib.UNet(self.unet_config)
         self.num_classes = self.unet_config.num_classes
-        self.diffusion = d = _read(DiffusionSettings, config.diffusion, "diffusion")
-        self.sample_settings = _read(SampleSettings, config.sample, "sample")
+        self.diffusion = d = config_lib.read_dataclass(DiffusionSettings, config.diffusion, "diffusion")
+        self.sample_settings = config_lib.read_dataclass(SampleSettings, config.sample, "sample")
         validate_diffusion_config(d, self.sample_settings, self.num_classes)
         self.prediction, self.weighting = d.prediction, d.weighting
         self.schedule = schedules.make_schedule(d.schedule, d.num_timesteps)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import pathlib
 import sys
 import grain
@@ -102,10 +101,6 @@ class TokenWindows:
 
 def stack_tokens(windows: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {"tokens": np.stack(windows)}
-
-
-def path_exists(path: str) -> bool:
-    return os.path.exists(path)
 
 
 def language_model_datasets(path: str, *, seq_len: int, batch_size: int, eval_batches: int, seed: int,

@@ -9,8 +9,8 @@ those of 'mlm' by the evaluation CLI.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
+import os
 from typing import Any
 
 import jax
@@ -22,6 +22,7 @@ from models.gated_unit import ATTENTION_IMPLS, NORM_POSITIONS
 from models.gau import ATTENTION_LAYERS, GAUConfig, GAULanguageModel, attention_implementation
 from models.layers import KERNEL_INITS, NORMS, SCALE_INITS
 from models.positions import MAX_LENGTH, POSITIONS
+from train_lib import config_lib
 from train_lib.config_lib import ConfigError
 from train_lib.lm import data as data_lib
 from train_lib.lm import flops as lm_flops
@@ -39,7 +40,7 @@ def model_config(config) -> GAUConfig:
     Only GAUConfig's fields are read, so a `model.*` key that is not one of them is left unread (and the
     trainer refuses it). `train_length` defaults to `data.seq_len`.
     """
-    values = {f.name: config.model[f.name] for f in dataclasses.fields(GAUConfig) if f.name in config.model}
+    values = config_lib.dataclass_values(GAUConfig, config.model)
     values.setdefault("train_length", config.data.seq_len)
     cfg = GAUConfig(**values)
     for key, choices in (("normalizer", NORMALIZERS), ("norm", NORMS), ("dtype", ("float32", "bfloat16", "float16")),
@@ -91,7 +92,7 @@ class LanguageModelTask(TaskBase):
         if self.final_sample_tokens < 0:
             raise ConfigError(f"config: 'final_sample_tokens' must be non-negative (0: no sample), got "
                               f"{self.final_sample_tokens}")
-        if self.data_path and not data_lib.path_exists(self.data_path):
+        if self.data_path and not os.path.exists(self.data_path):
             raise ConfigError(f"config: 'data.path' {self.data_path!r} does not exist; give a text file, a "
                               "directory of text files, or '' for the embedded corpus")
 
