@@ -144,8 +144,12 @@ class FlashLayer(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, rope: Any, positions: jax.Array, key_valid: jax.Array | None = None,
-                 cache_index: jax.Array | None = None, residual_scores: jax.Array | None = None):
+                 cache_index: jax.Array | None = None, residual_scores: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None):
         cfg = self.config
+        if attention_mask is not None:
+            raise ValueError("model.attention='flash' cannot take an explicit attention_mask (it knows only "
+                             "model.causal's causal or bidirectional attention); use model.attention='gau'")
         del residual_scores  # RealFormer residual scores are a GAU option (validated in the task)
         u, v, qk = gated_projections(cfg, x, 4)
         q_quad, k_quad, q_lin, k_lin = (layers.maybe_rope(t, rope) for t in qk)

@@ -36,6 +36,7 @@ class GAUConfig:
     """Hyperparameters of a gated-attention stack (the `model.*` block of an experiment config)."""
 
     vocab_size: int = 256
+    type_vocab_size: int = 0  # segment ids 0 … type_vocab_size − 1 embedded (`segment_embed`); 0: none
     num_layers: int = 4
     embed_dim: int = 256
     expansion_factor: int = 2

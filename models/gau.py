@@ -33,14 +33,15 @@ __all__ = ["ATTENTION_LAYERS", "GAUConfig", "GAULanguageModel", "GatedAttentionU
            "scanned_layers", "stack_layer_params"]
 
 
-def attention_implementation(cfg: GAUConfig, *, decode: bool = False) -> str:
+def attention_implementation(cfg: GAUConfig, *, decode: bool = False, explicit_mask: bool = False) -> str:
     """'xla' or 'pallas': how a GatedAttentionUnit computes `A V` under `cfg.attention_impl`.
 
     'pallas' (`models.pallas_attention.blockwise_attention`, memory linear in n) supports the softmax
-    and softmax_plus normalisers without residual scores; asking for it with anything else raises a
-    ValueError. Decoding (a key/value cache, one query at a time) always takes the XLA path, so a model
-    trained with 'pallas' still samples. 'auto' picks 'pallas' on GPU and TPU where it is supported and
-    'xla' otherwise (always on CPU, where Pallas only interprets).
+    and softmax_plus normalisers without residual scores, and only the causal/bidirectional masks it
+    builds by index; asking for it with anything else (including an explicit `attention_mask`, such
+    as UniLM's) raises a ValueError. Decoding (a key/value cache, one query at a time) always takes
+    the XLA path, so a model trained with 'pallas' still samples. 'auto' picks 'pallas' on GPU and TPU
+    where it is supported and 'xla' otherwise (always on CPU, where Pallas only interprets).
     """
     impl = cfg.attention_impl
     if impl not in ATTENTION_IMPLS:
@@ -54,7 +55,12 @@ def attention_implementation(cfg: GAUConfig, *, decode: bool = False) -> str:
         if cfg.residual_scores:
             raise ValueError("model.attention_impl='pallas' does not support model.residual_scores (the kernel "
                              "never forms the score matrix to pass on); use model.attention_impl='xla' or 'auto'")
+        if explicit_mask:
+            raise ValueError("model.attention_impl='pallas' cannot take an explicit attention_mask (segment masks "
+                             "such as UniLM's; the kernel masks by index only); use model.attention_impl='xla' "
+                             "or 'auto'")
         return "xla" if decode else "pallas"
+    supported = supported and not explicit_mask
     if impl == "auto" and supported and not decode and jax.default_backend() in ("gpu", "tpu"):
         return "pallas"
     return "xla"
@@ -71,12 +77,16 @@ class GatedAttentionUnit(nn.Module):
       key_valid optional `[batch, n]`; cache_index (decode); residual_scores the previous layer's
       scores `[batch, n, n_keys]` (RealFormer, https://kexue.fm/archives/8027: S_l = Q_l K_lᵀ + S_{l−1},
       summed before the normaliser scales them, which equals summing scaled scores for every normaliser
-      whose scale is the same in every layer).
+      whose scale is the same in every layer); attention_mask optional `[batch or 1, n, n_keys]` bool
+      (`models.masks`: UniLM, UniAE, ...), which replaces the causal/bidirectional mask of `cfg.causal`
+      and is still combined with key_valid. n_keys is n, or in decode mode the cache length (the mask
+      of the new tokens against every cache slot, unwritten slots False). The normalisers count each
+      row's visible keys from the mask they are given, so softmax_plus's log l and relu2's 1/l follow it.
     Returns: (y `[batch, n, d]`, this layer's scores if `residual_scores` is configured, else None).
     The attention weights are sown into `intermediates/attention_weights` (`[batch, n, n_keys]`) on the
     XLA path only: the Pallas path (`attention_implementation` → 'pallas') never forms them, so nothing
     is sown there. Its causal mask is by index (query i sees keys 0..i), which is what `positions`
-    `0 … n−1` give outside decoding.
+    `0 … n−1` give outside decoding; it takes no explicit mask.
     """
 
     config: GAUConfig
@@ -85,24 +95,32 @@ class GatedAttentionUnit(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, rope: Any, positions: jax.Array, key_valid: jax.Array | None = None,
-                 cache_index: jax.Array | None = None, residual_scores: jax.Array | None = None):
+                 cache_index: jax.Array | None = None, residual_scores: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None):
         cfg = self.config
         u, v, (q, k) = gated_projections(cfg, x, 2)
         q, k = layers.maybe_rope(q, rope), layers.maybe_rope(k, rope)
-        if attention_implementation(cfg, decode=self.decode) == "pallas":
+        impl = attention_implementation(cfg, decode=self.decode, explicit_mask=attention_mask is not None)
+        if impl == "pallas":
             av = pallas_attention.blockwise_attention(q, k, v, normalizer=cfg.normalizer, causal=cfg.causal,
                                                       key_valid=key_valid)
             return gated_output(cfg, x, u * av, deterministic=self.deterministic), None
 
         key_positions = positions
-        # relu2_paper's n: the sequence's unpadded length (in decoding, the cache length).
+        # relu2_paper's n: the sequence's unpadded length (in decoding, the cache length). Under an explicit
+        # mask, None lets relu2_paper count the keys visible to some row (`attention.sequence_key_count`),
+        # which is the unpadded length for every kind of `models.masks` (padding hides a key from all rows;
+        # the last target row, or the union of UniAE's segments, sees every other key).
         length = k.shape[1] if key_valid is None else jnp.sum(key_valid, axis=-1)
+        if attention_mask is not None:
+            length = None
         if self.decode and self.has_variable("cache", "cached_key"):
             k, v, key_positions = self._update_cache(k, v, cache_index)
-            length = k.shape[1]
+            length = k.shape[1]  # a decoded row cannot see the final length; the cache length stands in
         elif self.decode:  # initialisation: create the cache with the input's length
             self._update_cache(k, v, None)
-        mask = attention.attention_mask(positions, key_positions, causal=cfg.causal, key_valid=key_valid)
+        mask = _explicit_mask(attention_mask, key_valid, k.shape[1]) if attention_mask is not None else (
+            attention.attention_mask(positions, key_positions, causal=cfg.causal, key_valid=key_valid))
 
         scores = jnp.einsum("bqs,bks->bqk", q, k, preferred_element_type=jnp.float32)
         if residual_scores is not None:
@@ -122,6 +140,20 @@ class GatedAttentionUnit(nn.Module):
         cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k, (0, cache_index, 0))
         cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v, (0, cache_index, 0))
         return cached_k.value, cached_v.value, jnp.arange(cached_k.value.shape[1])
+
+
+def _explicit_mask(attention_mask: jax.Array, key_valid: jax.Array | None, num_keys: int) -> jax.Array:
+    """An explicit `[batch or 1, n, n_keys]` mask, checked against the keys and combined with padding."""
+    if attention_mask.ndim != 3 or attention_mask.shape[-1] != num_keys:
+        raise ValueError(f"attention_mask must be [batch, n, n_keys] with n_keys={num_keys} (the sequence, or in "
+                         f"decode mode every cache slot), got shape {tuple(attention_mask.shape)}")
+    mask = attention_mask.astype(bool)
+    if key_valid is not None:
+        if key_valid.shape[-1] != num_keys:
+            raise ValueError(f"padding_mask has {key_valid.shape[-1]} keys but attention_mask {num_keys}; in "
+                             "decode mode put the padding into the mask (models.masks.make_mask's key_valid)")
+        mask = mask & key_valid.astype(bool)[:, None, :]
+    return mask
 
 
 # Layer types by name (`model.attention`); all share GatedAttentionUnit's call signature.
@@ -179,7 +211,7 @@ def stack_layer_params(params: dict[str, Any], num_layers: int) -> dict[str, Any
 
 
 class GAULanguageModel(nn.Module):
-    """Token embedding (+ positions) → N gated attention layers → final norm → output layer.
+    """Token embedding (+ segments, positions) → N gated attention layers → final norm → output layer.
 
     `causal=True` gives an autoregressive LM; `causal=False` a bidirectional encoder. Pre-norm stacks
     end with a final norm; post-norm stacks (GAU-α) normalise the embeddings instead, since every layer
@@ -187,7 +219,15 @@ class GAULanguageModel(nn.Module):
     `init` to create the cache, then with `[batch, n]` chunks (a prompt, then one token at a time);
     positions continue from the cache.
 
-    Args (call): tokens `[batch, length]` int; `padding_mask` optional `[batch, length]` bool.
+    An explicit `attention_mask` (`models.masks`) replaces the causal/bidirectional mask in every layer,
+    so a bidirectional GAU-α with `type_vocab_size=2` and the UniLM mask is a seq2seq model, as Su trained
+    it (https://kexue.fm/archives/9052; UniLM: https://kexue.fm/archives/6933). 'gau' layers only: FLASH
+    and the Performer raise ValueError, and attention_impl 'pallas' too ('auto' takes the XLA path).
+
+    Args (call): tokens `[batch, length]` int; `segment_ids` optional `[batch, length]` int (added as
+      `segment_embed` rows when `type_vocab_size` > 0; default zeros); `padding_mask` optional
+      `[batch, length]` bool; `attention_mask` optional `[batch, length, n_keys]` bool, n_keys = length,
+      or in decode mode the cache length (the new tokens against every cache slot).
     Returns: logits `[batch, length, vocab]` float32.
     """
 
@@ -195,7 +235,8 @@ class GAULanguageModel(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool = False, decode: bool = False,
-                 padding_mask: jax.Array | None = None) -> jax.Array:
+                 padding_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         dtype = cfg.compute_dtype
         n = tokens.shape[1]
@@ -211,20 +252,27 @@ class GAULanguageModel(nn.Module):
         embed_init = layers.KERNEL_INITS[cfg.kernel_init](cfg.num_layers, fan_in_axis=-1)
         x = nn.Embed(cfg.vocab_size, cfg.embed_dim, dtype=dtype, name="embed",
                      embedding_init=layers.partitioned(embed_init, ("vocab", "embed")))(tokens)
+        if cfg.type_vocab_size:  # 0: no segment table, so older configs and checkpoints are unchanged
+            segment_ids = jnp.zeros_like(tokens) if segment_ids is None else segment_ids
+            x = x + nn.Embed(cfg.type_vocab_size, cfg.embed_dim, dtype=dtype, name="segment_embed",
+                             embedding_init=layers.partitioned(embed_init, (None, "embed")))(segment_ids)
+        elif segment_ids is not None:
+            raise ValueError("GAULanguageModel got segment_ids but model.type_vocab_size is 0 (no segment "
+                             "embeddings); set model.type_vocab_size ≥ 2 or pass no segment_ids")
         x, rope = positions_lib.POSITIONS[cfg.position](cfg, x, positions)
         if cfg.norm_position == "post":
             x = layers.NORMS[cfg.norm](dtype=dtype, name="embed_norm")(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if cfg.scan_layers:
             x = scanned_layers(cfg)(cfg, deterministic=not train, decode=decode, name="layers")(
-                x, rope, positions, padding_mask, cache_index, None)[0]
+                x, rope, positions, padding_mask, cache_index, None, attention_mask)[0]
         else:
             layer_cls = ATTENTION_LAYERS[cfg.attention]
             layer_cls = nn.remat(layer_cls) if cfg.remat else layer_cls
             scores = None
             for i in range(cfg.num_layers):
                 x, scores = layer_cls(cfg, deterministic=not train, decode=decode, name=f"layer_{i}")(
-                    x, rope, positions, padding_mask, cache_index, scores)
+                    x, rope, positions, padding_mask, cache_index, scores, attention_mask)
                 x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if cfg.norm_position == "pre":
             x = layers.NORMS[cfg.norm](dtype=dtype, name="final_norm")(x)

@@ -93,8 +93,12 @@ class PerformerUnit(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, rope: Any, positions: jax.Array, key_valid: jax.Array | None = None,
-                 cache_index: jax.Array | None = None, residual_scores: jax.Array | None = None):
+                 cache_index: jax.Array | None = None, residual_scores: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None):
         cfg = self.config
+        if attention_mask is not None:
+            raise ValueError("model.attention='performer' cannot take an explicit attention_mask (it knows only "
+                             "model.causal's causal or bidirectional attention); use model.attention='gau'")
         del positions, residual_scores
         if self.decode and cache_index is not None:
             raise NotImplementedError("model.attention='performer' has no decoding state; generate with "
