@@ -14,7 +14,7 @@ PIP_FLAGS := --quiet --disable-pip-version-check
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[train,text,test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -36,7 +36,7 @@ test-all: $(STAMP)
 $(PEERS_STAMP): tests/peers/constraints.txt
 	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_PY) -m pip install $(PIP_FLAGS) torch==2.13.0
-	$(PEERS_PY) -m pip install $(PIP_FLAGS) -c tests/peers/constraints.txt FLASH-pytorch==0.1.9 diffusers numpy
+	$(PEERS_PY) -m pip install $(PIP_FLAGS) -c tests/peers/constraints.txt FLASH-pytorch==0.1.9 diffusers numpy transformers safetensors
 	@if $(PEERS_PY) -m pip list $(PIP_FLAGS) | grep -i -E '^(nvidia-|triton )'; then \
 		echo "$(PEERS_VENV) has CUDA packages (above): remove $(PEERS_VENV) and install torch==2.13.0 (CPU) first"; \
 		exit 1; fi
@@ -44,7 +44,7 @@ $(PEERS_STAMP): tests/peers/constraints.txt
 
 peers-venv: $(PEERS_STAMP)
 
-# Speed against FLASH-pytorch and diffusers (tests/peers/compare.py); slow, and only meaningful on a quiet machine.
+# Speed against FLASH-pytorch, diffusers and transformers (tests/peers/compare.py); slow, and only meaningful on a quiet machine.
 bench-peers: $(STAMP) $(PEERS_STAMP)
 	$(PY) tests/peers/compare.py flash
 	$(PY) tests/peers/compare.py unet

@@ -33,6 +33,15 @@ setup(
             "matplotlib>=3.9,<4",
             "pillow>=10",
         ],
+        # The text family (train_lib/text/, models.pretrained): tokenizers, safetensors for Hugging Face weights, and
+        # the PyPI packages whose files hold the embedded Chinese text (read as data; jionlp is never imported).
+        "text": [
+            "tokenizers>=0.21,<0.24",
+            "safetensors>=0.4,<0.9",
+            "jieba>=0.42,<0.43",
+            "snownlp>=0.12,<0.13",
+            "jionlp>=1.5,<1.6",
+        ],
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "hypothesis>=6.100,<7", "portpicker>=1.6,<2",
                  "wheel>=0.43"],
     },

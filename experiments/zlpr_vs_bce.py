@@ -5,7 +5,7 @@ post 7359) classify better than per-class sigmoid binary cross-entropy at the de
 (s > 0), and are its scores calibrated through σ(2s) (post 9064) as well as BCE's through σ(s)?
 
 Task: for every function of the Python standard library (train/validation split by file, as in
-`train_lib.lm.corpus`), predict which of the 50 most used modules its body references: a name bound
+`train_lib.stdlib_corpus`), predict which of the 50 most used modules its body references: a name bound
 by an `import` (module level or local) that the function uses. The features are a hashed bag
 (2^14 buckets) of the function's other identifiers, attribute names and their snake/camel-case
 pieces; the module names themselves, and import statements, are removed from the features, so
@@ -59,7 +59,7 @@ import numpy as np
 import optax
 
 from losses import multilabel_categorical_crossentropy
-from train_lib.lm.corpus import is_validation_file, stdlib_root, stdlib_source_files
+from train_lib.stdlib_corpus import is_validation_file, stdlib_root, stdlib_source_files
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

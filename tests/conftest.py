@@ -25,6 +25,9 @@ import tempfile  # noqa: E402
 _CACHE_DIR = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                    os.path.join(tempfile.gettempdir(), "kexue-jax-test-compilation-cache"))
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+# The text family's derived data (parsed docstrings, built vocabularies: train_lib.text.corpora.cache_dir) is
+# cached in the temporary directory too, never in the user's home, and shared by the CLI subprocesses.
+os.environ.setdefault("KEXUE_CACHE_DIR", os.path.join(tempfile.gettempdir(), "kexue-jax-test-data-cache"))
 
 # Property tests draw the same examples on every run, so CI is reproducible; a failing example
 # is a real bug in code or tolerance, never a lucky draw. (Explore freely with --hypothesis-seed.)

@@ -390,6 +390,7 @@ def restore_params(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh: j
                           f"({' '.join(str(e).split())[:200]})") from None
     if not (workdir / "checkpoints").is_dir():
         raise ConfigError(f"--workdir: {str(workdir / 'checkpoints')!r} holds no checkpoint yet")
+    task.read_assets(workdir)
     checkpointer = Checkpointer(workdir / "checkpoints", keep=1, read_only=True)
     try:
         step = checkpointer.latest_step()

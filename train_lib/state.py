@@ -7,13 +7,17 @@ the arrays the trainer holds are the same tree unboxed (`init`).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+log = logging.getLogger(__name__)
 
 
 @flax.struct.dataclass
@@ -54,3 +58,37 @@ def abstract_boxed(task, optimizer, *, ema: bool, batch_size: int, seed: int = 0
     """`jax.eval_shape` of `boxed_init` for a global batch of `batch_size`: shapes and names, nothing allocated."""
     init_fn = functools.partial(boxed_init, task=task, optimizer=optimizer, ema=ema)
     return jax.eval_shape(init_fn, jax.random.PRNGKey(seed), task.batch_spec(batch_size))
+
+
+def path_name(path) -> str:
+    """'a/b/c' for a pytree key path (the names `with_pretrained` and the tasks' pretrained arrays use)."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def with_pretrained(state: TrainState, pretrained: dict[str, np.ndarray]) -> TrainState:
+    """`state` with the parameters named in `pretrained` ('a/b/c' → host array) replaced, in place of their
+    initial values, in `params` and the EMA copy; every other parameter keeps its initialisation.
+
+    Every process calls this with the same arrays (each reads the pretrained files), and each array is laid
+    out by the parameter's own sharding (`jax.make_array_from_callback`), so it is symmetric across processes.
+    Raises ValueError naming an array whose shape differs, or a name the parameters do not have.
+    """
+    leaves = {path_name(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(state.params)}
+    unknown = sorted(set(pretrained) - set(leaves))
+    if unknown:
+        raise ValueError(f"pretrained arrays {unknown[:5]} are not parameters of this model")
+    wrong = [f"{name} {tuple(pretrained[name].shape)} vs the model's {tuple(leaves[name].shape)}"
+             for name in sorted(pretrained) if tuple(pretrained[name].shape) != tuple(leaves[name].shape)]
+    if wrong:
+        raise ValueError(f"pretrained array shapes differ from the model's: {'; '.join(wrong[:5])}")
+
+    def replace(path, leaf):
+        value = pretrained.get(path_name(path))
+        if value is None:
+            return leaf
+        value = np.asarray(value, leaf.dtype)
+        return jax.make_array_from_callback(value.shape, leaf.sharding, lambda index: value[index])
+
+    params = jax.tree_util.tree_map_with_path(replace, state.params)
+    ema = None if state.ema_params is None else jax.tree_util.tree_map_with_path(replace, state.ema_params)
+    return state.replace(params=params, ema_params=ema)

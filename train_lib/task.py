@@ -13,7 +13,9 @@ The contract, in the order the trainer uses it:
   task = cls(config)                     # reads (and validates) every config key the family uses
   task.batch_spec(batch_size)            # shapes of one global batch
   task.init_params(rng, batch)           # logically boxed parameters (nn.with_logical_partitioning)
+  task.write_assets(workdir)             # process 0: files a checkpoint needs besides arrays (a tokenizer)
   task.datasets(rows)                    # grain pipelines of this process's rows of each global batch
+  task.pretrained_params()               # a fresh run (no checkpoint): arrays to start from, by name
   task.value_and_grad(params, batch, rng)  # ((loss, aux), grads): jax.value_and_grad of task.loss
   task.eval_sums(params, batch)          # summed over the eval batches, then task.summarize_eval
   task.final_report(host_params)         # if task.has_final_report: process 0, host-local parameters
@@ -81,6 +83,17 @@ class Task(Protocol):
     def model_flops_per_step(self) -> float:
         """Model FLOPs of one training step on a global batch (for MFU; `train_lib.flops`)."""
 
+    def write_assets(self, workdir) -> None:
+        """Writes (or, on resume, checks) what a workdir needs besides the checkpointed arrays to be read on its
+        own, e.g. the tokenizer; process 0 only, before training. `read_assets` is its reader."""
+
+    def read_assets(self, workdir) -> None:
+        """Checks the workdir's assets against this task (`train_lib.checkpointing.restore_params` calls it)."""
+
+    def pretrained_params(self) -> dict[str, Any] | None:
+        """{'a/b/c': host array} of parameters to start a fresh run from (e.g. `config.init_from`), the rest
+        keeping their initialisation (`train_lib.state.with_pretrained`); None for none. Every process calls it."""
+
     def final_report(self, params: Any) -> str:
         """Text printed at the end of a run, from host-local parameters (e.g. a sample); '' for none."""
 
@@ -135,6 +148,15 @@ class TaskBase:
     def final_report(self, params) -> str:
         del params
         return ""
+
+    def write_assets(self, workdir) -> None:
+        del workdir
+
+    def read_assets(self, workdir) -> None:
+        del workdir
+
+    def pretrained_params(self) -> dict[str, Any] | None:
+        return None
 
     def benchmark_extras(self, params, *, peak_flops: float, repeats: int, sample_steps: int,
                          sample_batch: int) -> dict[str, Any]:

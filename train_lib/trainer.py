@@ -294,8 +294,16 @@ def _train(config, settings, task, optimizer, schedule, mesh_shape, workdir, is_
         resumed = state is not None
         if is_main:  # after the restore: a run refused for another config leaves the workdir's config.json alone
             (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+            task.write_assets(workdir)
         if state is None:
             state = jax.jit(plan.init_fn, out_shardings=plan.state_shardings)(plan.rng, plan.spec_batch)
+            pretrained = task.pretrained_params()
+            if pretrained:
+                try:
+                    state = state_lib.with_pretrained(state, pretrained)
+                except ValueError as error:
+                    checkpointer.close()
+                    raise ConfigError(f"config: {error}") from None
         start_step = int(state.step)
         metrics_writer = MetricsWriter(workdir, enabled=is_main)
         metrics_writer.truncate_after(start_step)

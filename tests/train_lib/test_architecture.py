@@ -11,7 +11,7 @@ from tests.train_lib.conftest import REPO
 from train_lib import registry, task as task_lib
 
 PACKAGES = ("models", "losses", "train_lib", "experiments")
-FAMILIES = ("train_lib.lm", "train_lib.diffusion")
+FAMILIES = ("train_lib.lm", "train_lib.diffusion", "train_lib.text")
 # Commands of earlier versions kept as one-line aliases of a family's CLI (nothing imports them).
 CLI_ALIASES = ("train_lib.generate", "train_lib.evaluate", "train_lib.sample")
 
@@ -106,7 +106,7 @@ def test_registered_tasks_implement_the_protocol():
 
 
 def test_registry_errors_name_the_choices():
-    with pytest.raises(registry.ConfigError, match=r"'task' is 'lmm'; expected one of \['diffusion', 'lm', 'mlm'\]"):
+    with pytest.raises(registry.ConfigError, match=r"'task' is 'lmm'; expected one of \['diffusion', 'lm', 'mlm', 'seq2seq', 'text_mlm'\]"):
         registry.task_class("lmm")
     with pytest.raises(registry.ConfigError, match="no module 'no_such_family.task'"):
         registry.task_class("no_such_family.task:Task")

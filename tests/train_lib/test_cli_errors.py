@@ -133,6 +133,11 @@ SWEEP = [  # (module, args (callable of tmp_path for workdirs), words the line m
      ["--second_last_sigma_pixels", "non-negative"]),
     ("train_lib.diffusion.sample", lambda t: ["--workdir", str(LM_RUN)],
      ["byte-level causal language model", "train_lib.lm.generate"]),
+    ("train_lib.text.generate", lambda t: ["--workdir", str(LM_RUN), "--input=x"],
+     ["byte-level causal language model", "train_lib.lm.generate"]),
+    ("train_lib.text.generate", lambda t: ["--workdir", str(t), "--input=x", "--beam_size=0"],
+     ["--beam_size must be at least 1"]),
+    ("train_lib.text.evaluate", lambda t: ["--workdir", str(t), "--split=dev"], ["--split", "validation"]),
     ("train_lib.benchmark", lambda t: [*TINY, "--steps=0"], ["--steps"]),
     ("train_lib.benchmark", lambda t: [*TINY, "--ab=model.num_layerz=1"], ["--ab", "num_layerz"]),
     ("experiments.length_generalization", lambda t: ["--config.models=('relu3',)"], ["'models'", "softmax"]),
@@ -154,7 +159,8 @@ def test_every_cli_gives_one_line_for_a_bad_value(tmp_path, module, args, words)
 @pytest.mark.parametrize("module, flag", [
     ("train_lib.main", "--stop_at_step"), ("train_lib.lm.generate", "--top_k"), ("train_lib.lm.evaluate", "--lengths"),
     ("train_lib.diffusion.sample", "--second_last_sigma_pixels"), ("train_lib.benchmark", "--compile_only"),
-    ("experiments.position_probe", "--config"),
+    ("experiments.position_probe", "--config"), ("train_lib.text.generate", "--beam_size"),
+    ("train_lib.text.evaluate", "--split"),
 ])
 def test_help_prints_the_flags(module, flag):
     result = run_cli(["--help"], module=module, devices=1)

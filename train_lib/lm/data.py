@@ -14,7 +14,7 @@ import numpy as np
 
 from train_lib.config_lib import ConfigError
 from train_lib.input_pipeline import batched
-from train_lib.lm import corpus
+from train_lib import stdlib_corpus as corpus
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""The embedded text corpus: the Python standard library's own source files.
+"""The embedded text corpus: the Python standard library's own source files (the byte-level LM's corpus, and
+the text family's docstrings).
 
 Every machine with Python has it, so the default experiments need no download. The file list
 is sorted and filtered deterministically, and split into train and validation *by file*, so a
