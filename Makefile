@@ -48,6 +48,8 @@ peers-venv: $(PEERS_STAMP)
 bench-peers: $(STAMP) $(PEERS_STAMP)
 	$(PY) tests/peers/compare.py flash
 	$(PY) tests/peers/compare.py unet
+	$(PY) tests/peers/compare.py roformer
+	$(PY) tests/peers/compare.py bert
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

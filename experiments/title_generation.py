@@ -22,7 +22,20 @@ Presets: scratch (random init, the same tokenizer), copy_prior, gau_alpha (needs
 `init_from`, e.g. --config.init_from=runs/char_mlm_gau), and the optimizers of experiments/common.py.
 `--config.init_from=DIR` starts from any workdir of the text family or a Hugging Face BERT/RoFormer directory.
 
-Results: README "Text: pretraining and UniLM seq2seq" (table, commands, times).
+Result (2-core CPU, 2026-12-02; test split; README "Text: pretraining and UniLM seq2seq" has the commands):
+
+  | task              | init                | ROUGE-L greedy / beam 3 / beam 5 | exact match greedy |
+  |-------------------|---------------------|----------------------------------|--------------------|
+  | definition → word | pretrained char_mlm | 0.170 / 0.161 / 0.161            | 2.4%               |
+  | definition → word | random              | 0.016 / 0.016 / 0.016            | 0%                 |
+  | docstring → name  | pretrained char_mlm | 0.288 / 0.294 / 0.292            | 0%                 |
+  | docstring → name  | random              | 0.288 / 0.283 / 0.283            | 0%                 |
+  | docstring → name  | pretrained + copy   | 0.269 / 0.279 / 0.283            | 0%                 |
+
+The UniLM mask turns the pretrained encoder into a seq2seq model that produces plausible words (from scratch
+the decoder collapses to one frequent word); exact matches are rare at this size; beam search does not beat
+greedy; the Chinese pretraining does not help docstring → name, nor does the copy prior. The `definitions`
+run from the pretrained model trains in 3 min 10 s alone.
 """
 import ml_collections
 

@@ -250,7 +250,8 @@ def _naive_greedy(task, params, source: str, steps: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("preset", ["", ",gau_alpha", ",copy_prior"])
+@pytest.mark.parametrize("preset", ["", pytest.param(",gau_alpha", marks=pytest.mark.slow),
+                                    pytest.param(",copy_prior", marks=pytest.mark.slow)])
 def test_cached_decoding_equals_full_forward_passes(preset):
     task = registry.make_task(quick(title_generation, "quick" + preset))
     batch = one_batch(task)
