@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import sys
 
@@ -161,13 +160,6 @@ class Seq2SeqExamples:
 
 def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {key: np.stack([e[key] for e in examples]) for key in examples[0]}
-
-
-def fingerprint_of(arrays: list[np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for array in arrays:
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def pipelines(train_source, eval_source, *, batch_size: int, eval_batches: int, seed: int, rows: tuple[int, int],

@@ -52,20 +52,21 @@ class TextModel:
 
     def init(self, rng, tokens, segment_ids):
         """Boxed parameters (with logical axis names) for inputs shaped like `tokens` `[batch, n]`."""
-        if self.architecture == "transformer":
-            return self.module.init({"params": rng}, tokens, segment_ids=segment_ids)["params"]
         return self.module.init({"params": rng}, tokens, segment_ids=segment_ids)["params"]
 
     def logits(self, params, tokens, *, segment_ids=None, padding_mask=None, attention_mask=None, train=False,
-               rng=None) -> jax.Array:
-        """Token logits `[batch, n, vocab]` float32 (the MLM head of the Transformer, the output layer of GAU)."""
+               rng=None, positions=None) -> jax.Array:
+        """Token logits `[batch, n, vocab]` float32 (the MLM head of the Transformer, the output layer of GAU), or
+        `[batch, m, vocab]` at `positions` `[batch, m]`: the Transformer then computes its head there only."""
         rngs = {"dropout": rng} if train and rng is not None else {}
         if self.architecture == "transformer":
             out = self.module.apply({"params": params}, tokens, segment_ids=segment_ids, padding_mask=padding_mask,
-                                    attention_mask=attention_mask, train=train, heads=("mlm",), rngs=rngs)
+                                    attention_mask=attention_mask, train=train, heads=("mlm",),
+                                    mlm_positions=positions, rngs=rngs)
             return out["mlm_logits"]
-        return self.module.apply({"params": params}, tokens, segment_ids=segment_ids, padding_mask=padding_mask,
-                                 attention_mask=attention_mask, train=train, rngs=rngs)
+        logits = self.module.apply({"params": params}, tokens, segment_ids=segment_ids, padding_mask=padding_mask,
+                                   attention_mask=attention_mask, train=train, rngs=rngs)
+        return logits if positions is None else jnp.take_along_axis(logits, positions[..., None], axis=1)
 
     def cached_lm(self):
         """The adaptor `train_lib.text.decoding` decodes with: a zero cache, and one cached forward call."""

@@ -149,6 +149,12 @@ class TextTask(TaskBase):
     def has_final_report(self) -> bool:
         return self.final_examples > 0
 
+    @staticmethod
+    def summarize_eval(sums):
+        """Per predicted token: loss (nats), accuracy and perplexity (both tasks' eval_sums count tokens)."""
+        loss = sums["nll"] / sums["count"]
+        return {"loss": loss, "accuracy": sums["correct"] / sums["count"], "perplexity": math.exp(min(loss, 50.0))}
+
     # -- the workdir's tokenizer ------------------------------------------------------------------------
 
     def write_assets(self, workdir) -> None:
@@ -278,15 +284,8 @@ class MaskedLanguageModelTask(TextTask):
     def _nll(self, params, batch, mask_rng, dropout_rng=None, *, train=False):
         tokens = batch["tokens"]
         inputs, positions, valid = self.mask_tokens(tokens, batch["word_starts"], mask_rng)
-        padding = tokens != self.tokenizer.pad_id
-        if self.model.architecture == "transformer":
-            rngs = {"dropout": dropout_rng} if train and dropout_rng is not None else {}
-            out = self.model.module.apply({"params": params["encoder"]}, inputs, padding_mask=padding, train=train,
-                                          heads=("mlm",), mlm_positions=positions, rngs=rngs)
-            logits = out["mlm_logits"]
-        else:
-            logits = self.model.logits(params["encoder"], inputs, padding_mask=padding, train=train, rng=dropout_rng)
-            logits = jnp.take_along_axis(logits, positions[..., None], axis=1)
+        logits = self.model.logits(params["encoder"], inputs, padding_mask=tokens != self.tokenizer.pad_id,
+                                   train=train, rng=dropout_rng, positions=positions)
         targets = jnp.take_along_axis(tokens, positions, axis=1)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         correct = (jnp.argmax(logits, -1) == targets) & valid
@@ -308,11 +307,6 @@ class MaskedLanguageModelTask(TextTask):
         nll, correct, valid = self._nll(params, batch, self.eval_mask_key(batch["tokens"]))
         return {"nll": jnp.sum(nll), "correct": jnp.sum(correct).astype(jnp.float32),
                 "count": jnp.sum(valid).astype(jnp.float32)}
-
-    @staticmethod
-    def summarize_eval(sums):
-        loss = sums["nll"] / sums["count"]
-        return {"loss": loss, "accuracy": sums["correct"] / sums["count"], "perplexity": math.exp(min(loss, 50.0))}
 
     def datasets(self, rows):
         windows = {}
@@ -405,16 +399,8 @@ class Seq2SeqTask(TextTask):
         """Logits `[b, n, V]`, or `[b, m, V]` at `positions` `[b, m]` (the Transformer computes only those)."""
         tokens, segments = batch["tokens"], batch["segment_ids"]
         mask = masks_lib.mask_from_tokens("unilm", segment_ids=segments, padding_mask=batch["padding_mask"] > 0)
-        if self.model.architecture == "transformer" and positions is not None:
-            rngs = {"dropout": rng} if train and rng is not None else {}
-            logits = self.model.module.apply({"params": params["encoder"]}, tokens, segment_ids=segments,
-                                             attention_mask=mask, train=train, heads=("mlm",), mlm_positions=positions,
-                                             rngs=rngs)["mlm_logits"]
-        else:
-            logits = self.model.logits(params["encoder"], tokens, segment_ids=segments, attention_mask=mask,
-                                       train=train, rng=rng)
-            if positions is not None:
-                logits = jnp.take_along_axis(logits, positions[..., None], axis=1)
+        logits = self.model.logits(params["encoder"], tokens, segment_ids=segments, attention_mask=mask, train=train,
+                                   rng=rng, positions=positions)
         if self.copy_prior:
             prior = params["copy_prior"]
             logits = copy_prior_logits(logits, self.source_bag(tokens, segments), prior["log_scale"], prior["shift"])
@@ -437,8 +423,6 @@ class Seq2SeqTask(TextTask):
         nll, correct, weights = self._target_nll(params, batch)
         return {"nll": jnp.sum(nll), "correct": jnp.sum(correct).astype(jnp.float32),
                 "count": jnp.sum(weights).astype(jnp.float32)}
-
-    summarize_eval = staticmethod(MaskedLanguageModelTask.summarize_eval)
 
     def records(self, split: str) -> list[dict[str, str]]:
         return data_lib.load_records(self.data_settings, split, self.data_fields)
