@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import attention, flash, layers, pallas_attention, performer, positions as positions_lib
+from models import attention, backend, flash, layers, pallas_attention, performer, positions as positions_lib
 from models.gated_unit import ATTENTION_IMPLS, GAUConfig, gated_output, gated_projections
 
 __all__ = ["ATTENTION_LAYERS", "GAUConfig", "GAULanguageModel", "GatedAttentionUnit", "attention_implementation",
@@ -41,7 +41,8 @@ def attention_implementation(cfg: GAUConfig, *, decode: bool = False, explicit_m
     builds by index; asking for it with anything else (including an explicit `attention_mask`, such
     as UniLM's) raises a ValueError. Decoding (a key/value cache, one query at a time) always takes
     the XLA path, so a model trained with 'pallas' still samples. 'auto' picks 'pallas' on GPU and TPU
-    where it is supported and 'xla' otherwise (always on CPU, where Pallas only interprets).
+    where it is supported and 'xla' otherwise (always on CPU, where Pallas only interprets); the platform is
+    `models.backend.current()`, the target of an ahead-of-time compile (`train_lib.pods`) if there is one.
     """
     impl = cfg.attention_impl
     if impl not in ATTENTION_IMPLS:
@@ -61,9 +62,16 @@ def attention_implementation(cfg: GAUConfig, *, decode: bool = False, explicit_m
                              "or 'auto'")
         return "xla" if decode else "pallas"
     supported = supported and not explicit_mask
-    if impl == "auto" and supported and not decode and jax.default_backend() in ("gpu", "tpu"):
+    if impl == "auto" and supported and not decode and backend.current() in ("gpu", "tpu"):
         return "pallas"
     return "xla"
+
+
+def _batch_mesh_axes():
+    """The mesh axes the logical 'batch' axis maps to under the active `nn.logical_axis_rules` (None without)."""
+    if not nn.get_logical_axis_rules():
+        return None
+    return nn.logical_to_mesh_axes(("batch",))[0]
 
 
 class GatedAttentionUnit(nn.Module):
@@ -102,8 +110,9 @@ class GatedAttentionUnit(nn.Module):
         q, k = layers.maybe_rope(q, rope), layers.maybe_rope(k, rope)
         impl = attention_implementation(cfg, decode=self.decode, explicit_mask=attention_mask is not None)
         if impl == "pallas":
-            av = pallas_attention.blockwise_attention(q, k, v, normalizer=cfg.normalizer, causal=cfg.causal,
-                                                      key_valid=key_valid)
+            av = pallas_attention.batch_sharded_attention(q, k, v, batch_axes=_batch_mesh_axes(),
+                                                          normalizer=cfg.normalizer, causal=cfg.causal,
+                                                          key_valid=key_valid)
             return gated_output(cfg, x, u * av, deterministic=self.deterministic), None
 
         key_positions = positions

@@ -38,12 +38,17 @@ columns change no dot product; Triton needs power-of-two blocks of at least 16 f
 Causality is by index (query i sees keys 0..i), which is the GAU's positions `arange(n)` outside
 decoding. Scores, softmax statistics and accumulators are float32; the output has v's dtype.
 
-Tested on CPU in interpret mode only; the GPU (Triton) and TPU (Mosaic) lowerings are not exercised by
-this repository's CI. The layouts follow the JAX GPU example kernel
+Tested against the XLA path on CPU in interpret mode. Its TPU (Mosaic) lowering is compiled ahead of time
+for a v5e slice by `make test-pods` (tests/pods/test_pallas.py: inside GAU `base`'s train step, forward and
+backward), so Mosaic accepts its blocks, but it has never run on a TPU, and the GPU (Triton) lowering has not
+been compiled here at all. The layouts follow the JAX GPU example kernel
 (`jax/experimental/pallas/ops/gpu/attention.py`: whole-sequence K/V blocks indexed by a `fori_loop`,
-1-D row statistics), which is what Triton is known to accept; Mosaic (TPU) has stricter block-shape
-rules and may reject them. No SPMD partitioning rule is given, so under a sharded mesh XLA must gather
-the operands of the kernel (use the XLA path there). The value dimension is not tiled: a program holds a
+1-D row statistics). Whole-sequence operands live in VMEM, so on a TPU the VMEM need grows with n (memory
+stays linear in n, but Mosaic's scoped-VMEM limit is raised to fit: `_tpu_vmem_limit`; GAU `base` compiles at
+n = 8192 on a v5e; streaming K/V over a third grid axis, as JAX's TPU flash attention does, would lift that
+bound and is not done). A Pallas call has no SPMD partitioning rule, so under a sharded mesh the GAU calls it
+through `batch_sharded_attention` (`jax.shard_map` over the batch axes), never on the gathered batch. The
+value dimension is not tiled: a program holds a
 `[block_q, e]` (forward, dQ) or `[block_k, e]` (dK/dV) float32 accumulator, so with e = 512 smaller
 blocks than the default 128 may be needed on a GPU; the block sizes are untuned.
 """
@@ -58,14 +63,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from models import attention
+from models import attention, backend as backend_lib
 
-__all__ = ["SUPPORTED_NORMALIZERS", "blockwise_attention"]
+__all__ = ["SUPPORTED_NORMALIZERS", "blockwise_attention", "batch_sharded_attention"]
 
 SUPPORTED_NORMALIZERS = ("softmax", "softmax_plus")
 # The masked-score constant of models.attention: finite, so no inf − inf appears in the running maximum.
 _MASKED_SCORE = attention._MASKED_SCORE
 _MIN_BLOCK = 16  # Triton's dot needs every dimension ≥ 16
+_MiB = 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +84,28 @@ class _Config:
     block_k: int
     interpret: bool
     backend: str
+    vmem_limit_bytes: int | None = None  # TPU: Mosaic's scoped VMEM limit (`_tpu_vmem_limit`)
 
     def call(self, kernel, **kwargs):
         compiler_params = None
         if self.backend == "gpu" and not self.interpret:
             from jax.experimental.pallas import triton as plgpu
             compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+        if self.backend == "tpu" and not self.interpret and self.vmem_limit_bytes:
+            from jax.experimental.pallas import tpu as pltpu
+            compiler_params = pltpu.CompilerParams(vmem_limit_bytes=self.vmem_limit_bytes)
         return pl.pallas_call(kernel, interpret=self.interpret, compiler_params=compiler_params, **kwargs)
+
+
+def _tpu_vmem_limit(n: int, s: int, e: int, block_q: int, block_k: int, itemsize: int) -> int:
+    """Mosaic's scoped-VMEM limit for these kernels: they hold whole-sequence operands (k and v in the
+    forward and dQ kernels, q and dO in dK/dV) in VMEM, double-buffered, so the need grows with n; the
+    default limit (16–32 MiB by chip) stops GAU `base` (s = 128, e = 1536, bf16) near n = 4096. Twice
+    the estimate, at least 32 MiB and at most 128 MiB (the VMEM of a v5e or v6e core; a chip with less
+    refuses to compile, which `train_lib.pods` reports as not fitting)."""
+    whole = n * (s + e) * itemsize + 2 * n * 4  # two [n, ·] operands and the [n] statistics
+    blocks = (block_q + block_k) * (s + e) * itemsize + block_q * (e + block_k) * 4  # blocks + f32 accumulators
+    return int(min(128 * _MiB, max(32 * _MiB, 2 * (2 * whole + blocks))))
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -294,13 +315,13 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, normalizer:
       key_valid: optional `[b, n]` booleans, False for padding keys.
       block_q, block_k: rows of a query / key block (clipped to n rounded up to a power of two ≥ 16);
         n is padded to a multiple of both.
-      interpret: run the kernels in Pallas interpret mode; None = interpret on CPU, compiled on GPU/TPU.
+      interpret: run the kernels in Pallas interpret mode; None = interpret on CPU, compiled on GPU/TPU (the
+        platform of `models.backend.current()`: the target of an ahead-of-time compile, else JAX's backend).
     Returns:
       `[b, n, e]` in v's dtype (float32 scores, statistics and accumulation). Rows with no visible valid
       key give zeros, as the XLA normalisers do. Differentiable in q, k and v (custom VJP, Pallas kernels).
 
-    Tested on CPU in interpret mode only; the GPU (Triton) and TPU (Mosaic) lowerings are not exercised
-    by this repository's CI.
+    Tested on CPU in interpret mode; compiled (not run) for TPU by `make test-pods`; never compiled for GPU here.
     """
     if normalizer not in SUPPORTED_NORMALIZERS:
         raise ValueError(f"blockwise_attention supports the normalisers {list(SUPPORTED_NORMALIZERS)}, "
@@ -313,7 +334,7 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, normalizer:
         raise ValueError(f"block sizes must be positive, got block_q={block_q}, block_k={block_k}")
     b, n, s = q.shape
     e = v.shape[-1]
-    backend = jax.default_backend()
+    backend = backend_lib.current()
     if interpret is None:
         interpret = backend not in ("gpu", "tpu")
     dtype = jnp.promote_types(q.dtype, k.dtype)
@@ -335,5 +356,29 @@ def blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, normalizer:
     kp = jnp.pad(k, ((0, 0), (0, n_pad - n), (0, s_pad - s)))
     vp = jnp.pad(v, ((0, 0), (0, n_pad - n), (0, e_pad - e)))
     cfg = _Config(sm_scale=1.0 / math.sqrt(s), causal=bool(causal), block_q=block_q, block_k=block_k,
-                  interpret=bool(interpret), backend=backend)
+                  interpret=bool(interpret), backend=backend,
+                  vmem_limit_bytes=_tpu_vmem_limit(n_pad, s_pad, e_pad, block_q, block_k, q.dtype.itemsize))
     return _attention(cfg, qp, kp, vp, valid)[:, :n, :e]
+
+
+def batch_sharded_attention(q, k, v, *, batch_axes, key_valid=None, **kwargs):
+    """`blockwise_attention` on each device's rows of the batch, under the mesh of `jax.set_mesh`.
+
+    A Pallas call has no SPMD partitioning rule: inside a sharded `jit`, XLA would gather q, k and v of the
+    whole batch onto every device before the kernel. Attention is independent per example, so the kernel
+    runs under `jax.shard_map` on the local rows instead (q, k, v split over `batch_axes`, e.g.
+    ('data', 'fsdp'); their other axes are gathered if sharded, since the kernel needs whole rows of q and k).
+    Without a mesh, or with `batch_axes` None, this is `blockwise_attention`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or batch_axes is None:
+        return blockwise_attention(q, k, v, key_valid=key_valid, **kwargs)
+    spec = jax.sharding.PartitionSpec(batch_axes)
+    call = functools.partial(blockwise_attention, **kwargs)
+    if key_valid is None:
+        sharded = jax.shard_map(lambda q, k, v: call(q, k, v), mesh=mesh, in_specs=(spec,) * 3, out_specs=spec,
+                                check_vma=False)
+        return sharded(q, k, v)
+    sharded = jax.shard_map(lambda q, k, v, valid: call(q, k, v, key_valid=valid), mesh=mesh,
+                            in_specs=(spec,) * 4, out_specs=spec, check_vma=False)
+    return sharded(q, k, v, key_valid)

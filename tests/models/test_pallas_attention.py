@@ -4,9 +4,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention
+import flax.linen as nn
+
+from models import attention, backend
 from models.gau import GAUConfig, GAULanguageModel, attention_implementation
-from models.pallas_attention import blockwise_attention
+from models.pallas_attention import batch_sharded_attention, blockwise_attention
 from tests.models.gau_fixtures import tiny_model
 
 
@@ -126,6 +128,47 @@ def test_auto_is_xla_on_cpu_and_pallas_rejects_other_normalizers():
         attention_implementation(GAUConfig(attention_impl="pallas", residual_scores=True))
     with pytest.raises(ValueError, match="blockwise_attention supports"):
         blockwise_attention(*_inputs(8)[:3], normalizer="l2", causal=True)
+
+
+def test_auto_follows_the_compile_target():
+    """Compiling for a TPU (`models.backend.compiling_for`, what `train_lib.pods` does) traces the program a TPU
+    would run: 'auto' takes the kernel, and the kernel is compiled rather than interpreted."""
+    cfg = GAUConfig(attention_impl="auto")
+    with backend.compiling_for("tpu"):
+        assert backend.current() == "tpu"
+        assert attention_implementation(cfg) == "pallas"
+        assert attention_implementation(cfg, decode=True) == "xla"
+        assert attention_implementation(GAUConfig(attention_impl="auto", normalizer="relu2")) == "xla"
+    assert backend.current() == "cpu" and attention_implementation(cfg) == "xla"
+    with pytest.raises(ValueError, match="platform must be one of"):
+        with backend.compiling_for("TPU"):
+            pass
+
+
+def test_batch_sharded_kernel_equals_unsharded():
+    """Under a data × fsdp mesh the kernel runs per device on its rows (shard_map), forward and backward,
+    with the same result as on the whole batch; without a mesh it is the plain kernel."""
+    rng = np.random.default_rng(3)
+    q, k = (jnp.asarray(rng.normal(scale=2.0, size=(8, 24, 8)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.normal(size=(8, 24, 16)), jnp.float32)
+    key_valid = jnp.asarray(rng.random((8, 24)) > 0.2)
+    kwargs = dict(normalizer="softmax_plus", causal=True, block_q=16, block_k=16)
+
+    def loss(fn):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2)))
+
+    want = loss(lambda q, k, v: blockwise_attention(q, k, v, key_valid=key_valid, **kwargs))(q, k, v)
+    mesh = jax.make_mesh((4, 2, 1), ("data", "fsdp", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
+    rules = (("batch", ("data", "fsdp")),)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        sharded = lambda q, k, v: batch_sharded_attention(q, k, v, batch_axes=("data", "fsdp"),  # noqa: E731
+                                                          key_valid=key_valid, **kwargs)
+        assert "shard_map" in str(jax.make_jaxpr(sharded)(q, k, v))
+        got = loss(sharded)(q, k, v)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    plain = batch_sharded_attention(q, k, v, batch_axes=("data", "fsdp"), **kwargs)  # no mesh: the kernel itself
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(blockwise_attention(q, k, v, **kwargs)), atol=1e-6)
 
 
 def test_task_config_validates_attention_impl():

@@ -67,7 +67,9 @@ def test_generic_stack_imports_no_family_and_no_model(graph):
     generic = [m for m in graph if m.startswith("train_lib") and not m.startswith(FAMILIES) and m not in CLI_ALIASES]
     assert {"train_lib.trainer", "train_lib.task", "train_lib.registry", "train_lib.checkpointing"} <= set(generic)
     for module in generic:
-        bad = {i for i in graph[module] if i.startswith(FAMILIES + ("models",))}
+        # models.backend is no model: the compile target that kernels choose by (train_lib.benchmark sets it
+        # when compiling for a TPU topology), the one piece of models/ the generic stack may name.
+        bad = {i for i in graph[module] if i.startswith(FAMILIES + ("models",)) and i != "models.backend"}
         assert not bad, f"{module} imports {sorted(bad)}"
 
 
