@@ -9,8 +9,10 @@ PEERS_VENV := .venv-peers
 PEERS_PY := $(PEERS_VENV)/bin/python
 PEERS_STAMP := $(PEERS_VENV)/.installed-stamp
 PIP_FLAGS := --quiet --disable-pip-version-check
+# The tpu extra (libtpu, ~140 MB) in the same venv, for compiling TPU pod steps ahead of time (train_lib/pods.py).
+TPU_STAMP := $(VENV)/.installed-tpu-stamp
 
-.PHONY: install demo test test-slow test-all clean peers-venv bench-peers
+.PHONY: install demo test test-slow test-all test-pods clean peers-venv bench-peers
 
 $(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +30,17 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist=loadfile -m slow
 
-test-all: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist=loadfile -m "slow or not slow"
+test-all: $(TPU_STAMP)
+	$(PY) -m pytest -q -n 2 --dist=loadfile -m "slow or not slow or pods"
+
+$(TPU_STAMP): $(STAMP)
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints.txt -e '.[train,text,test,tpu]'
+	touch $(TPU_STAMP)
+
+# Compile the accelerator-sized experiments for real TPU topologies (16 and 256 chips) with libtpu, on this
+# machine's CPU: they must fit HBM, shard as their rules say, and add only the expected collectives (tests/pods).
+test-pods: $(TPU_STAMP)
+	$(PY) -m pytest -q -n 2 --dist=loadfile -m pods tests/pods
 
 # torch==2.13.0 first and alone: that exact pin resolves to the CPU wheel here; a looser spec can pull the
 # CUDA build and its nvidia-* packages (GBs). The check after the install fails if any came in anyway.

@@ -42,6 +42,9 @@ setup(
             "snownlp>=0.12,<0.13",
             "jionlp>=1.5,<1.6",
         ],
+        # Compiling for TPU pods ahead of time on any machine (train_lib/pods.py: libtpu describes the chips of a
+        # topology without a TPU attached); also what a TPU VM installs to train. constraints.txt pins libtpu.
+        "tpu": ["jax[tpu]>=0.10,<0.11"],
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "hypothesis>=6.100,<7", "portpicker>=1.6,<2",
                  "wheel>=0.43"],
     },

@@ -26,6 +26,14 @@ time (trace + lower + compile) and XLA's peak memory per device; with `--ab`, B'
 
     python -m train_lib.benchmark --config=experiments/gau_lm.py:base --compile_only --ab='model.scan_layers=True'
 
+`--topology=v5e:16x16` (any topology libtpu accepts; needs the `tpu` extra) compiles the same step for the
+chips of that TPU slice instead of this machine's devices, with libtpu's compiler, and reports per chip:
+memory against HBM, XLA's FLOPs and bytes, the collectives in the optimized HLO, and a roofline estimate of
+step time and MFU (`train_lib.pods`). It implies `--compile_only`:
+
+    python -m train_lib.benchmark --config=experiments/gau_lm.py:base --compile_only --topology=v5e:16x16 \
+        --config.batch_size=2048
+
 Nothing is written to disk. Numbers depend on what else the machine runs: benchmark on a quiet one.
 """
 from __future__ import annotations
@@ -60,20 +68,27 @@ def _define_flags() -> None:
     flags.DEFINE_bool("compile_only", False, "Only compile the train step (no state is initialised, nothing "
                       "runs): compile seconds and XLA's peak memory, e.g. for a model too large for this machine; "
                       "--steps, --warmup and --sample_steps do not apply.")
+    flags.DEFINE_string("topology", None, "Compile for this TPU slice instead of the local devices, e.g. "
+                        "v5e:4x4, v5e:16x16, v4:4x4x4 (needs libtpu: pip install -e '.[tpu]'); implies --compile_only.")
     flags.DEFINE_string("ab", None, "Overrides 'KEY=VALUE;KEY=VALUE' (Python literals) of a second config B whose "
                         "step is timed alternately with A's in this process (see the module docstring).")
     cli.define_distributed_flags()
 
 
-def _compiled_step(config, *, abstract: bool = False):
+def _compiled_step(config, *, abstract: bool = False, topology=None):
     """(task, plan, compiled train step, initial state, one global batch, compile seconds) for `config`.
 
     `abstract`: state and batch are shape/sharding stand-ins (nothing is initialised or read), for
-    compiling a step too large to run here. Compile seconds include tracing and lowering.
+    compiling a step too large to run here. `topology` (a `train_lib.pods.Topology`, abstract only): the
+    plan is over its TPU chips and the step is traced and compiled for them. Compile seconds include
+    tracing and lowering.
     """
+    import contextlib
+
+    from models import backend
     from train_lib import sharding, trainer  # after jax.distributed
 
-    task, plan = trainer.plan_for(config)
+    task, plan = trainer.plan_for(config, devices=None if topology is None else topology.devices)
     settings = plan.settings
     if abstract:
         batch = plan.abstract_batch()
@@ -82,21 +97,30 @@ def _compiled_step(config, *, abstract: bool = False):
         train_data, _, _ = task.datasets(rows)
         batch = sharding.make_global_batch(next(iter(train_data)), shardings=plan.batch_shardings,
                                            global_batch=settings.batch_size)
-    with jax.set_mesh(plan.mesh), nn.logical_axis_rules(plan.rules):
+    target = contextlib.nullcontext() if topology is None else backend.compiling_for("tpu")
+    with target, jax.set_mesh(plan.mesh), nn.logical_axis_rules(plan.rules):
         if abstract:
             state = plan.sharded_abstract_state()
         else:
             state = jax.jit(plan.init_fn, out_shardings=plan.state_shardings)(plan.rng, plan.spec_batch)
         start = time.perf_counter()
-        step_fn = plan.jit_train_step(task).lower(state, batch).compile()
+        try:
+            step_fn = plan.jit_train_step(task).lower(state, batch).compile()
+        except Exception as e:  # libtpu checks HBM at compile time: report it, as a result
+            from train_lib import pods
+            if topology is None or not pods.is_out_of_memory(e):
+                raise
+            raise pods.DoesNotFit(str(e), task=task, plan=plan, compile_s=time.perf_counter() - start) from e
         compile_s = time.perf_counter() - start
     return task, plan, step_fn, state, batch, compile_s
 
 
 def _header(plan, name: str | None) -> dict:
     """What ran where: the first keys of both result dicts."""
+    devices = plan.mesh.devices.flat
     return {"config": config_name() if name is None else name, "task": plan.settings.task,
-            "platform": jax.devices()[0].platform, "devices": jax.device_count(), "processes": jax.process_count(),
+            "platform": devices[0].platform, "devices": plan.mesh.size,
+            "processes": len({d.process_index for d in devices}),
             "mesh": dict(plan.mesh.shape), "batch_size": plan.settings.batch_size, "params": plan.num_params}
 
 
@@ -157,28 +181,44 @@ def benchmark_train_step(config, *, steps: int = 10, warmup: int = 2, sample_ste
     return (result, task.benchmark_rows(result)) if with_rows else result
 
 
-def compile_train_step(config, *, name: str | None = None, ab_overrides: dict | None = None) -> dict:
+def compile_train_step(config, *, name: str | None = None, ab_overrides: dict | None = None,
+                       topology=None) -> dict:
     """Compiles the experiment's train step without running it (`--compile_only`): compile seconds, XLA's
     peak memory per device and the counted FLOPs. Nothing is initialised, so any size compiles on a CPU.
-    With `ab_overrides`, the config with those overrides is compiled after it (`ab_compile_s`, ...)."""
-    from train_lib import memory  # after jax.distributed
+    With `ab_overrides`, the config with those overrides is compiled after it (`ab_compile_s`, ...).
 
-    ab_config = with_overrides(config, ab_overrides) if ab_overrides else None
-    task, plan, step_fn, _, _, compile_s = _compiled_step(config, abstract=True)
-    result = {
-        **_header(plan, name),
-        "model_flops_per_step": task.model_flops_per_step(), "peak_memory_bytes": memory.needed_bytes(step_fn),
-        "compile_s": compile_s,
-    }
+    `topology` (a name such as 'v5e:16x16', or a `train_lib.pods.Topology`): compile for that TPU slice and
+    add `train_lib.pods.analyse`'s per-chip report (B's under the key 'ab' with `ab_overrides`)."""
+    from train_lib import memory, pods  # after jax.distributed
+
+    if isinstance(topology, str):
+        topology = pods.topology(topology)
+    ab_config = with_overrides(config, ab_overrides, topology) if ab_overrides else None
+
+    def compile_one(cfg) -> tuple:
+        """(task, plan, compile seconds, peak memory, the topology report or {})."""
+        try:
+            task, plan, step_fn, _, _, compile_s = _compiled_step(cfg, abstract=True, topology=topology)
+        except pods.DoesNotFit as e:  # only with a topology
+            return e.task, e.plan, e.compile_s, None, pods.not_fitting_report(e, topology)
+        report = {} if topology is None else pods.analyse(
+            step_fn, topology, model_flops_per_step=task.model_flops_per_step(), plan=plan)
+        return task, plan, compile_s, memory.needed_bytes(step_fn), report
+
+    task, plan, compile_s, peak, report = compile_one(config)
+    result = {**_header(plan, name), "model_flops_per_step": task.model_flops_per_step(),
+              "peak_memory_bytes": peak, "compile_s": compile_s, **report}
     if ab_config is not None:
-        _, _, ab_step, _, _, ab_compile_s = _compiled_step(ab_config, abstract=True)
-        result.update({"ab_overrides": ab_overrides, "ab_compile_s": ab_compile_s,
-                       "ab_peak_memory_bytes": memory.needed_bytes(ab_step)})
+        _, _, ab_compile_s, ab_peak, ab_report = compile_one(ab_config)
+        result.update({"ab_overrides": ab_overrides, "ab_compile_s": ab_compile_s, "ab_peak_memory_bytes": ab_peak})
+        if topology is not None:
+            result["ab"] = ab_report
     return result
 
 
-def with_overrides(config, overrides: dict):
-    """A copy of `config` with `overrides` ({dotted key: value}) applied as `--config.KEY=VALUE` would, validated.
+def with_overrides(config, overrides: dict, topology=None):
+    """A copy of `config` with `overrides` ({dotted key: value}) applied as `--config.KEY=VALUE` would, validated
+    (for `topology`'s devices if given, else this machine's).
 
     Raises ConfigError naming `--ab` for an unknown key, a value of the wrong type or an invalid result.
     """
@@ -188,7 +228,10 @@ def with_overrides(config, overrides: dict):
     copy.lock()  # unknown keys raise, as on the command line
     try:
         config_lib.apply_overrides(copy, overrides)
-        trainer.setup(copy)
+        if topology is None:
+            trainer.setup(copy)
+        else:
+            trainer.setup(copy, num_devices=topology.num_chips, num_processes=topology.num_hosts)
     except (KeyError, AttributeError, TypeError, ValueError) as e:
         raise config_lib.ConfigError(f"--ab: cannot apply {describe_overrides(overrides)!r} to the config: {e}") from e
     return copy
@@ -253,9 +296,14 @@ def format_compile_table(result: dict) -> str:
         ("compile (not run)", f"{result['compile_s']:.1f} s (trace + lower + compile)"),
         ("peak memory (XLA)", _mebibytes(result["peak_memory_bytes"])),
     ]
+    if "topology" in result:
+        from train_lib import pods
+        rows += pods.table_rows(result)
     if "ab_compile_s" in result:
         rows += [("B compile", f"{describe_overrides(result['ab_overrides'])}: {result['ab_compile_s']:.1f} s, "
                                f"peak memory {_mebibytes(result['ab_peak_memory_bytes'])}")]
+        if "ab" in result:
+            rows += [(f"B {key}", value) for key, value in pods.table_rows(result["ab"])[1:]]
     return _aligned(rows)
 
 
@@ -286,12 +334,15 @@ def main(argv: list[str]) -> None:
     ab_overrides = parse_overrides(f.ab) if f.ab else None
 
     def body():
-        from train_lib import registry
-        xla_flags.apply_defaults(registry.task_class(config.task).xla_cpu_flags)  # before JAX starts a backend
+        from train_lib import pods, registry
         cli.setup_logging()
-        cli.initialize_distributed()
-        if f.compile_only:
-            result = compile_train_step(config, ab_overrides=ab_overrides)
+        if f.topology:  # one process compiles for the whole slice: no cluster, and the XLA:CPU flags do not apply
+            pods.prepare()  # before JAX starts a backend
+        else:
+            xla_flags.apply_defaults(registry.task_class(config.task).xla_cpu_flags)  # before JAX starts a backend
+            cli.initialize_distributed()
+        if f.compile_only or f.topology:
+            result = compile_train_step(config, ab_overrides=ab_overrides, topology=f.topology)
             table = format_compile_table(result)
         else:
             result, rows = benchmark_train_step(config, steps=f.steps, warmup=f.warmup, sample_steps=f.sample_steps,

@@ -22,10 +22,13 @@ log = logging.getLogger(__name__)
 Rules = Sequence[tuple[str, Any]]
 
 
-def make_mesh(mesh_shape: dict[str, int]) -> Mesh:
-    """A ('data', 'fsdp', 'model') mesh over all devices, in the order that keeps 'model' innermost."""
+def make_mesh(mesh_shape: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ('data', 'fsdp', 'model') mesh over `devices` (default: all devices), laid out by `jax.make_mesh` so
+    that 'model', the innermost axis, spans the most closely connected devices (a TPU's ICI neighbours).
+    `devices` may be another machine's (`train_lib.pods`: a TPU topology's, to compile for it here)."""
     shape = tuple(mesh_shape[axis] for axis in MESH_AXES)
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                         devices=devices)
 
 
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:

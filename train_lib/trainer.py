@@ -155,9 +155,11 @@ class Plan:
         return self.jit_train_step(task).lower(self.sharded_abstract_state(), self.abstract_batch()).compile()
 
 
-def make_plan(settings: TrainerSettings, task, optimizer, schedule, mesh_shape: dict[str, int]) -> Plan:
-    """Mesh, logical-axis rules (parallelism is data in the config), shapes and shardings of everything."""
-    mesh = sharding.make_mesh(mesh_shape)
+def make_plan(settings: TrainerSettings, task, optimizer, schedule, mesh_shape: dict[str, int],
+              devices=None) -> Plan:
+    """Mesh (over `devices`, default all), logical-axis rules (parallelism is data in the config), shapes and
+    shardings of everything."""
+    mesh = sharding.make_mesh(mesh_shape, devices)
     rules = settings.logical_axis_rules
     spec_batch = task.batch_spec(settings.batch_size)
     batch_shardings = {k: sharding.batch_sharding(mesh, rules, v.ndim) for k, v in spec_batch.items()}
@@ -194,10 +196,13 @@ def setup(config, *, num_devices: int | None = None, num_processes: int | None =
     return settings, task, optimizer, schedule, mesh_shape
 
 
-def plan_for(config) -> tuple[Any, Plan]:
-    """(task, Plan) of `config` on this machine's devices: `setup`, then `make_plan`."""
-    settings, task, optimizer, schedule, mesh_shape = setup(config)
-    return task, make_plan(settings, task, optimizer, schedule, mesh_shape)
+def plan_for(config, devices=None) -> tuple[Any, Plan]:
+    """(task, Plan) of `config` on this machine's devices, or on `devices` (e.g. a TPU topology's, to compile
+    for it ahead of time: `train_lib.pods`), with as many processes as they have: `setup`, then `make_plan`."""
+    num_processes = None if devices is None else len({d.process_index for d in devices})
+    settings, task, optimizer, schedule, mesh_shape = setup(
+        config, num_devices=None if devices is None else len(devices), num_processes=num_processes)
+    return task, make_plan(settings, task, optimizer, schedule, mesh_shape, devices)
 
 
 def train_and_evaluate(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str, Any]:
