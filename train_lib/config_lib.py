@@ -75,6 +75,7 @@ class TrainerSettings:
     mesh: dict[str, int]  # as configured: one axis may be -1 (`resolve_mesh_shape`)
     logical_axis_rules: tuple[tuple[str, Any], ...]
     nan_at_step: int  # debug.nan_at_step: test-only fault injection; -1 leaves it out of the step entirely
+    trainable: tuple[str, ...] = ()  # optimizer.trainable: patterns of the parameters that train (empty: all)
 
 
 _POSITIVE = ("total_steps", "batch_size", "log_every_steps", "eval_every_steps", "checkpoint_every_steps",

@@ -9,10 +9,19 @@ decay on matrices only (`weight_decay_mask`). Each reads its own hyperparameters
              arXiv 1804.04235): factored second moments, a row and a column vector per large matrix
   sgd        momentum, nesterov
   lion       b1, b2 (Chen et al., arXiv 2302.06675)
+
+Freezing: `optimizer.trainable`, a tuple of regular expressions over parameter names ('encoder/layer_3/mlp/
+output/kernel'; `re.fullmatch`), trains only the parameters one matches (empty: all). The rest get
+`optax.set_to_zero()` through `optax.multi_transform`, so they hold no optimizer state and are stored once,
+in the parameters; clipping and weight decay see the trainable ones only; and the trainer differentiates the
+loss with respect to the trainable parameters alone (`restricted_value_and_grad`), so backpropagation stops
+where the last frozen parameter's input no longer depends on a trainable one (Ladder Side-Tuning's point,
+https://kexue.fm/archives/9138).
 """
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -90,9 +99,88 @@ OWN_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+def trainable_patterns(opt) -> tuple[str, ...]:
+    """`optimizer.trainable` checked: a tuple of valid regular expressions (empty if the key is absent)."""
+    if "trainable" not in opt:
+        return ()
+    patterns = opt.trainable
+    if isinstance(patterns, str) or not isinstance(patterns, (tuple, list)) or not all(
+            isinstance(p, str) and p for p in patterns):
+        raise ConfigError(f"config: 'optimizer.trainable' is {patterns!r}; expected a tuple of regular expressions "
+                          "over parameter names, e.g. ('encoder/layer_\\d+/.*adapter/.*', 'classifier/.*'), or () "
+                          "to train every parameter")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ConfigError(f"config: 'optimizer.trainable' pattern {pattern!r} is not a regular expression "
+                              f"({error})") from None
+    return tuple(patterns)
+
+
+def _names(params: Any) -> list[str]:
+    from train_lib.state import path_name
+
+    leaves = jax.tree_util.tree_leaves_with_path(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return [path_name(path) for path, _ in leaves]
+
+
+def trainable_mask(params: Any, patterns: tuple[str, ...]) -> Any:
+    """A tree like `params` (boxes count as leaves): True where a parameter's name fully matches a pattern."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def matches(path, _):
+        from train_lib.state import path_name
+
+        name = path_name([k for k in path if getattr(k, "name", None) != "value"])
+        return any(c.fullmatch(name) for c in compiled)
+    return jax.tree_util.tree_map_with_path(matches, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def check_trainable(patterns: tuple[str, ...], params: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts of `params` (shapes suffice) under `patterns`; raises ConfigError
+    naming a pattern that matches no parameter, or patterns that leave nothing to train."""
+    names = _names(params)
+    for pattern in patterns:
+        if not any(re.fullmatch(pattern, name) for name in names):
+            raise ConfigError(f"config: 'optimizer.trainable' pattern {pattern!r} matches no parameter (names look "
+                              f"like {names[0]!r}, {names[-1]!r}; the pattern must match a whole name)")
+    mask = jax.tree.leaves(trainable_mask(params, patterns))
+    sizes = [math.prod(getattr(leaf, "value", leaf).shape) for leaf in
+             jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))]
+    return sum(s for s, m in zip(sizes, mask) if m), sum(sizes)
+
+
+def freeze(tx: optax.GradientTransformation, patterns: tuple[str, ...]) -> optax.GradientTransformation:
+    """`tx` on the parameters `patterns` match, `optax.set_to_zero()` (no state) on the others."""
+    def labels(params):
+        return jax.tree.map(lambda m: "train" if m else "frozen", trainable_mask(params, patterns))
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def restricted_value_and_grad(loss_fn: Callable, patterns: tuple[str, ...]) -> Callable:
+    """`jax.value_and_grad(loss_fn, has_aux=True)` differentiated with respect to the trainable parameters only;
+    the frozen ones' gradients are zeros (which `freeze` discards). `loss_fn(params, batch, rng)`."""
+    def value_and_grad(params, batch, rng):
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        mask = jax.tree.leaves(trainable_mask(params, patterns))
+        trainable = [leaf for leaf, m in zip(leaves, mask) if m]
+
+        def rebuild(trainable_leaves):
+            it = iter(trainable_leaves)
+            return jax.tree_util.tree_unflatten(treedef, [next(it) if m else leaf for leaf, m in zip(leaves, mask)])
+
+        out, grads = jax.value_and_grad(lambda t: loss_fn(rebuild(t), batch, rng), has_aux=True)(trainable)
+        it = iter(grads)
+        full = [next(it) if m else jnp.zeros_like(leaf) for leaf, m in zip(leaves, mask)]
+        return out, jax.tree_util.tree_unflatten(treedef, full)
+    return value_and_grad
+
+
 def make_optimizer(opt, total_steps: int, schedule: optax.Schedule | None = None) -> optax.GradientTransformation:
     """Global-norm clipping (`grad_clip_norm` > 0), then optimizer `opt.name` with the schedule
-    (`learning_rate_schedule(opt, total_steps)` unless given).
+    (`learning_rate_schedule(opt, total_steps)` unless given), on the `optimizer.trainable` parameters only
+    when that is set (`freeze`).
 
     `opt` is `config.optimizer`. The AdamW chain is the one the checkpoints of earlier runs hold.
     """
@@ -111,7 +199,9 @@ def make_optimizer(opt, total_steps: int, schedule: optax.Schedule | None = None
                           f"({weight_decay}) must be non-negative (0 turns them off)")
     schedule = schedule or learning_rate_schedule(opt, total_steps)
     chain = [optax.clip_by_global_norm(clip)] if clip > 0 else []
-    return optax.chain(*chain, OPTIMIZERS[name](opt, schedule, weight_decay))
+    tx = optax.chain(*chain, OPTIMIZERS[name](opt, schedule, weight_decay))
+    patterns = trainable_patterns(opt)
+    return freeze(tx, patterns) if patterns else tx
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:

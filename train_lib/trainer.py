@@ -27,6 +27,7 @@ from train_lib import state as state_lib
 from train_lib.config_lib import ConfigError, TrainerSettings
 from train_lib.metrics import MetricsWriter, ProgressBar, plot_curves
 from train_lib.state import TrainState
+from train_lib.task import TaskBase
 from train_lib.workdir_lock import WorkdirLock
 
 log = logging.getLogger(__name__)
@@ -59,17 +60,20 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task, optimize
     """
     step_rng = jax.random.fold_in(state.rng, state.step)
     accum = settings.grad_accum_steps
+    value_and_grad = task.value_and_grad
+    if settings.trainable:  # only the trainable parameters are differentiated (train_lib.optim's freezing)
+        value_and_grad = optim.restricted_value_and_grad(functools.partial(task.loss, train=True), settings.trainable)
     if accum == 1:
-        (loss, aux), grads = task.value_and_grad(state.params, batch, step_rng)
+        (loss, aux), grads = value_and_grad(state.params, batch, step_rng)
     else:
         def accumulate(carry, inputs):
             index, microbatch = inputs
-            (loss, aux), grads = task.value_and_grad(state.params, microbatch, jax.random.fold_in(step_rng, index))
+            (loss, aux), grads = value_and_grad(state.params, microbatch, jax.random.fold_in(step_rng, index))
             return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
 
         micro = _microbatches(batch, accum, microbatch_sharding)
         first = jax.tree.map(lambda x: x[0], micro)
-        (loss0, aux0), grads0 = jax.eval_shape(task.value_and_grad, state.params, first, step_rng)
+        (loss0, aux0), grads0 = jax.eval_shape(value_and_grad, state.params, first, step_rng)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, aux0, grads0))
         (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
         loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
@@ -192,6 +196,16 @@ def setup(config, *, num_devices: int | None = None, num_processes: int | None =
                           "grad_accum_steps=1 and lower batch_size, or use the task's own chunked gradient")
     schedule = optim.learning_rate_schedule(view.optimizer, settings.total_steps)
     optimizer = optim.make_optimizer(view.optimizer, settings.total_steps, schedule)
+    trainable = optim.trainable_patterns(view.optimizer)
+    if trainable:
+        if type(task).value_and_grad is not TaskBase.value_and_grad:
+            raise ConfigError(f"config: task {settings.task!r} computes its own gradients, so 'optimizer.trainable' "
+                              "cannot restrict them; train every parameter (optimizer.trainable=())")
+        spec = task.batch_spec(settings.batch_size)
+        count, total = optim.check_trainable(trainable, jax.eval_shape(task.init_params, jax.random.PRNGKey(0), spec))
+        log.info("optimizer.trainable: %s of %s parameters train (%.2f%%)", f"{count:,}", f"{total:,}",
+                 100 * count / max(total, 1))
+        settings = dataclasses.replace(settings, trainable=trainable)
     recorder.check()
     return settings, task, optimizer, schedule, mesh_shape
 
@@ -310,6 +324,11 @@ def _train(config, settings, task, optimizer, schedule, mesh_shape, workdir, is_
                     checkpointer.close()
                     raise ConfigError(f"config: {error}") from None
         start_step = int(state.step)
+        if start_step > settings.total_steps:
+            checkpointer.close()
+            raise ConfigError(f"--workdir: {str(workdir)!r} holds a checkpoint at step {start_step}, past this config's "
+                              f"total_steps={settings.total_steps}; raise total_steps to continue it, or use a new "
+                              "workdir")
         metrics_writer = MetricsWriter(workdir, enabled=is_main)
         metrics_writer.truncate_after(start_step)
         if is_main:

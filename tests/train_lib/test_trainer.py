@@ -36,6 +36,15 @@ def test_stop_and_resume_equals_uninterrupted_run_exactly(tmp_path):
     assert read_metrics(resumed, "eval") == read_metrics(full, "eval")
 
 
+def test_a_checkpoint_past_total_steps_is_one_line_and_kept(tmp_path):
+    from train_lib.config_lib import ConfigError
+
+    trainer.train_and_evaluate(make_config(total_steps=4, eval_every_steps=4), str(tmp_path))
+    with pytest.raises(ConfigError, match=r"holds a checkpoint at step 4, past this config's total_steps=2"):
+        trainer.train_and_evaluate(make_config(total_steps=2, eval_every_steps=2), str(tmp_path))
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+
+
 def test_gradient_accumulation_equals_large_batch(tmp_path):
     trainer.train_and_evaluate(make_config(total_steps=4, batch_size=32, grad_accum_steps=1), str(tmp_path / "one"))
     trainer.train_and_evaluate(make_config(total_steps=4, batch_size=32, grad_accum_steps=4), str(tmp_path / "four"))
