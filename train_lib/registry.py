@@ -16,6 +16,8 @@ TASKS: dict[str, str] = {
     "diffusion": "train_lib.diffusion.task:DiffusionTask",
     "text_mlm": "train_lib.text.task:MaskedLanguageModelTask",
     "seq2seq": "train_lib.text.task:Seq2SeqTask",
+    "classify": "train_lib.text.classify:ClassifyTask",
+    "conditional_lm": "train_lib.text.conditional:ConditionalLMTask",
 }
 
 

@@ -7,13 +7,14 @@ import pickle
 import numpy as np
 import pytest
 
-from experiments import char_mlm, common, ddpm_digits, gau_lm, title_generation
+from experiments import char_mlm, common, ddpm_digits, gau_lm, review_lm, sentiment, title_generation
 from tests.train_lib.conftest import REPO, make_config
 from train_lib import config_lib, trainer
 from train_lib.config_lib import ConfigError
 
 TRAINABLE = {gau_lm: gau_lm._VARIANTS, ddpm_digits: ddpm_digits._VARIANTS, char_mlm: char_mlm._VARIANTS,
-             title_generation: title_generation._VARIANTS}
+             title_generation: title_generation._VARIANTS, sentiment: sentiment._VARIANTS,
+             review_lm: review_lm._VARIANTS}
 
 
 def _fake_cifar(directory: pathlib.Path) -> str:

@@ -37,6 +37,7 @@ class DataSettings:
     source_field: str = "source"  # JSON keys of the 'jsonl' corpus
     target_field: str = "target"
     text_field: str = "text"
+    label_field: str = "label"  # the 'jsonl' corpus' class label (task 'classify')
     seq_len: int = 128
     max_target_len: int = 32  # seq2seq: target tokens kept, its [SEP] included
     whole_word_mask: bool = False  # MLM: mask whole jieba words (post 7764's Chinese BERTs) instead of tokens
@@ -45,7 +46,8 @@ class DataSettings:
 def load_records(settings: DataSettings, split: str, fields: tuple[str, ...]) -> list[dict[str, str]]:
     """Records of `split` with `fields` from the configured corpus (user files: the configured JSON keys)."""
     if settings.corpus == "jsonl":
-        mapping = {"source": settings.source_field, "target": settings.target_field, "text": settings.text_field}
+        mapping = {"source": settings.source_field, "target": settings.target_field, "text": settings.text_field,
+                   "label": settings.label_field}
         corpus = corpora.load_corpus("jsonl", path=settings.path, fields={f: mapping[f] for f in fields})
     else:
         corpus = corpora.load_corpus(settings.corpus)

@@ -2,11 +2,13 @@
 
   python -m train_lib.text.evaluate --workdir DIR --split test --beam_size 1,3,5   # seq2seq: ROUGE-L, exact match
   python -m train_lib.text.evaluate --workdir DIR --split test                     # text_mlm: masked-token metrics
+  python -m train_lib.text.evaluate --workdir DIR --split test       # classify, conditional_lm: every record
 
 Seq2seq: decodes every source of the split (or the first `--limit`) greedily (beam 1) and with each beam size,
 and scores the outputs against the targets by character ROUGE-L and exact match (`train_lib.text.metrics`).
 MLM: the task's eval statistics (loss, accuracy, perplexity on the masked tokens) over the split's windows, with
-masks fixed by each window's contents. Prints a Markdown table; `--output` also writes it as JSON.
+masks fixed by each window's contents. classify (accuracy, macro-F1, each class's recall) and conditional_lm
+(perplexity, overall and per class): the task's `split_metrics` over every record of the split. Prints a Markdown table; `--output` also writes it as JSON.
 """
 from __future__ import annotations
 
@@ -115,6 +117,10 @@ def main(argv: list[str]) -> None:
             records = run.task.records(f.split)
             records = records[:f.limit] if f.limit > 0 else records
             rows = evaluate_seq2seq(run.task, run.params, records, beams, batch_size=f.batch_size, show=f.show)
+        elif hasattr(run.task, "split_metrics"):
+            start = time.perf_counter()
+            metrics = run.task.split_metrics(run.params, f.split, batch_size=f.batch_size)
+            rows = [{"split": f.split, **metrics, "seconds": time.perf_counter() - start}]
         else:
             rows = evaluate_mlm(run.task, run.params, f.split, limit=f.limit)
         print(format_table(rows))

@@ -50,19 +50,21 @@ class TextModel:
     def compute_dtype(self) -> str:
         return self.config.dtype
 
-    def init(self, rng, tokens, segment_ids):
+    def init(self, rng, tokens, segment_ids, condition=None):
         """Boxed parameters (with logical axis names) for inputs shaped like `tokens` `[batch, n]`."""
-        return self.module.init({"params": rng}, tokens, segment_ids=segment_ids)["params"]
+        extra = {} if condition is None else {"condition": condition}
+        return self.module.init({"params": rng}, tokens, segment_ids=segment_ids, **extra)["params"]
 
     def logits(self, params, tokens, *, segment_ids=None, padding_mask=None, attention_mask=None, train=False,
-               rng=None, positions=None) -> jax.Array:
+               rng=None, positions=None, condition=None) -> jax.Array:
         """Token logits `[batch, n, vocab]` float32 (the MLM head of the Transformer, the output layer of GAU), or
         `[batch, m, vocab]` at `positions` `[batch, m]`: the Transformer then computes its head there only."""
         rngs = {"dropout": rng} if train and rng is not None else {}
         if self.architecture == "transformer":
+            extra = {} if condition is None else {"condition": condition}  # Conditional LayerNorm's [b, k]
             out = self.module.apply({"params": params}, tokens, segment_ids=segment_ids, padding_mask=padding_mask,
                                     attention_mask=attention_mask, train=train, heads=("mlm",),
-                                    mlm_positions=positions, rngs=rngs)
+                                    mlm_positions=positions, rngs=rngs, **extra)
             return out["mlm_logits"]
         logits = self.module.apply({"params": params}, tokens, segment_ids=segment_ids, padding_mask=padding_mask,
                                    attention_mask=attention_mask, train=train, rngs=rngs)
@@ -74,19 +76,24 @@ class TextModel:
 
         module, architecture = self.module, self.architecture
 
+        conditioned = architecture == "transformer" and self.config.condition_size > 0
+        width = self.config.condition_size if conditioned else 0
+
         def init_cache(batch: int, max_length: int):
             tokens = jnp.zeros((batch, max_length), jnp.int32)
+            extra = {"condition": jnp.zeros((batch, width))} if conditioned else {}
             shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, segment_ids=tokens,
-                                                        decode=True))
+                                                        decode=True, **extra))
             import flax.linen as nn
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), nn.unbox(shapes["cache"]))
 
-        def apply(params, cache, tokens, *, segment_ids, position_ids, attention_mask):
+        def apply(params, cache, tokens, *, segment_ids, position_ids, attention_mask, condition=None):
             variables = {"params": params, "cache": cache}
             if architecture == "transformer":
+                extra = {} if condition is None else {"condition": condition}
                 out, updated = module.apply(variables, tokens, segment_ids=segment_ids, position_ids=position_ids,
                                             attention_mask=attention_mask, decode=True, heads=("mlm",),
-                                            mutable=["cache"])
+                                            mutable=["cache"], **extra)
                 return out["mlm_logits"], updated["cache"]
             # GAU: rotary positions only (checked in `text_model`), which are relative, so a row's positions
             # need not follow position_ids: left padding shifts a whole row, which rotary scores ignore.
