@@ -13,6 +13,10 @@ Run (finished runs are reused):
   python -m experiments.conditional_generation --config.workdir=runs/conditional_generation
 
 Writes WORKDIR/results.json, results.md (the table) and samples.md.
+
+Result (2-core CPU, 2026-12-02, 14 min; README "Fine-tuning a pretrained encoder"): the judge's test accuracy
+81.6%; reviews judged the class asked for (negative / positive): CLN 74.6 / 49.4%, label token 70.8 / 40.4%, no
+label 63.0 / 33.2%; test perplexity 91.9 / 79.4 (CLN) vs 92.2 / 79.9 (no label).
 """
 from __future__ import annotations
 
