@@ -238,6 +238,9 @@ class ClassifyTask(TextTask):
             raise ConfigError(f"config: 'data.seq_len' {self.seq_len} leaves {self.seq_len - fixed} tokens for the "
                               f"text after the template's {fixed}; raise it")
         self._train_records = None
+        prompts = iter(getattr(self, "prompt_ids", []))  # the template's fixed token ids, once (encode runs per example)
+        self._template_ids = {i: ([tok.mask_id] if p == "{mask}" else [next(prompts)] if p == "{p}" else tok.encode(p))
+                              for i, p in enumerate(self.pieces) if p != "{text}"}
 
     @staticmethod
     def _parse_template(s: ClassifySettings) -> list[Any]:
@@ -262,9 +265,7 @@ class ClassifyTask(TextTask):
     def encode(self, text: str) -> dict[str, np.ndarray]:
         """tokens, padding_mask `[seq_len]` and the [MASK] position of `[CLS] template(text) [SEP]`."""
         tok = self.tokenizer
-        prompts = iter(getattr(self, "prompt_ids", []))
-        fixed = {i: ([tok.mask_id] if p == "{mask}" else [next(prompts)] if p == "{p}" else tok.encode(p))
-                 for i, p in enumerate(self.pieces) if p != "{text}"}
+        fixed = self._template_ids
         room = self.seq_len - 2 - sum(len(v) for v in fixed.values())
         ids = [tok.cls_id]
         for i, piece in enumerate(self.pieces):
