@@ -176,22 +176,9 @@ def test_few_shot_and_long_tailed_samples():
                                                       counts["positive"] / sum(counts.values())])
 
 
-@pytest.mark.parametrize("preset", ["", "rdrop", "pet", "ptuning_lstm", "adapters", "lst_added",
+@pytest.mark.parametrize("preset", ["", "rdrop", "pet", "ptuning_mlp", "adapters", "lst_added",
                                     "logit_adjusted,imbalanced"])
 def test_every_method_trains_on_8_devices(preset, tmp_path):
-    if preset == "ptuning_lstm":
-        # Loading this step (an nn.RNN scan in the SPMD program) from JAX's persistent compilation cache aborts
-        # the process (XLA:CPU, jax 0.10.2: the second run of this test with the same cache dies with SIGABRT);
-        # it is compiled fresh instead.
-        jax.config.update("jax_enable_compilation_cache", False)
-        try:
-            return _trains_on_8_devices(preset, tmp_path)
-        finally:
-            jax.config.update("jax_enable_compilation_cache", True)
-    _trains_on_8_devices(preset, tmp_path)
-
-
-def _trains_on_8_devices(preset, tmp_path):
     mesh = {"mesh.data": 4, "mesh.fsdp": 2, "mesh.model": 1} if "lst" in preset else \
         {"mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2}
     config = quick(f"quick,{preset}" if preset else "quick", **mesh)
