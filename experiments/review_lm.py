@@ -7,7 +7,8 @@ r"""A sentiment-conditional review generator from the pretrained character RoFor
 
 Variants: small (the char_mlm.py:small backbone from runs/char_mlm, length 64, batch 32, 1,500 steps), quick (a
 2-layer width-32 encoder from scratch, 8 steps: the tests' size).
-Presets: cln (Conditional LayerNorm, post 7124; the default), prefix (a label token after [CLS]), none (no label).
+Presets: cln (Conditional LayerNorm, post 7124; the default), prefix (a label token after [CLS]), none (no label);
+gau_alpha (a GAU-α stack, CLN on its RMS norms; from runs/char_mlm_gau, `char_mlm.py:small,gau_alpha`).
 """
 import ml_collections
 
@@ -29,7 +30,13 @@ def _condition(name):
     return preset
 
 
-_PRESETS = {name: _condition(name) for name in ("cln", "prefix", "none")}
+def _gau_alpha(config, variant):
+    text_common.use_gau_alpha(config, _VARIANTS[variant][0])
+    if variant != "quick":  # the backbone must be GAU-α too
+        config.init_from = PRETRAINED + "_gau"
+
+
+_PRESETS = {**{name: _condition(name) for name in ("cln", "prefix", "none")}, "gau_alpha": _gau_alpha}
 
 
 def get_config(arg: str | None = "small") -> ml_collections.ConfigDict:

@@ -62,6 +62,7 @@ class GAUConfig:
     performer_features: int = 128  # m, random features of the Performer baseline
     qk_scale_init: str = "normal"  # γ of the Q/K scale-offsets: 'normal' (N(0, 0.02²)) or 'ones'; see ScaleOffset
     attention_impl: str = "xla"  # GAU attention: 'xla', 'pallas' or 'auto' (ATTENTION_IMPLS; models.gau)
+    condition_size: int = 0  # > 0: Conditional LayerNorm on every norm, from a [batch, k] condition (GAU layers)
 
     @property
     def expand_dim(self) -> int:
@@ -82,9 +83,22 @@ def _projection(cfg: GAUConfig, features: tuple[int, ...], axes: tuple[str | Non
                              name=name)
 
 
-def gated_projections(cfg: GAUConfig, x: jax.Array, num_qk: int) -> tuple[jax.Array, jax.Array, tuple]:
-    """U, V `[batch, n, e]` and a tuple of `num_qk` scale-offsets of Z, each `[batch, n, s]`, from x `[batch, n, d]`."""
-    h = x if cfg.norm_position == "post" else layers.NORMS[cfg.norm](dtype=cfg.compute_dtype, name="norm")(x)
+def norm(cfg: GAUConfig, x: jax.Array, condition: jax.Array | None = None, *, name: str = "norm") -> jax.Array:
+    """`cfg.norm` of x under `name`; with a condition `[batch, k]`, plus Conditional LayerNorm's shift
+    (`layers.ConditionalShift`, parameters under `name`_condition; post 7124), zero at initialisation."""
+    norm_cls = layers.NORMS[cfg.norm]
+    y = norm_cls(dtype=cfg.compute_dtype, name=name)(x)
+    if condition is None:
+        return y
+    shift = layers.ConditionalShift(norm_cls.epsilon, cfg.compute_dtype, cfg.norm, name=f"{name}_condition")
+    return y + shift(x, condition).astype(y.dtype)
+
+
+def gated_projections(cfg: GAUConfig, x: jax.Array, num_qk: int,
+                      condition: jax.Array | None = None) -> tuple[jax.Array, jax.Array, tuple]:
+    """U, V `[batch, n, e]` and a tuple of `num_qk` scale-offsets of Z, each `[batch, n, s]`, from x `[batch, n, d]`
+    (`condition`: Conditional LayerNorm's `[batch, k]`, on the pre-norm)."""
+    h = x if cfg.norm_position == "post" else norm(cfg, x, condition)
     uv = nn.silu(_projection(cfg, (2, cfg.expand_dim), ("embed", None, "expand"), "uv")(h))
     u = nn.with_logical_constraint(uv[..., 0, :], ("batch", "length", "act_expand"))
     v = nn.with_logical_constraint(uv[..., 1, :], ("batch", "length", "act_expand"))
@@ -98,14 +112,16 @@ def gated_projections(cfg: GAUConfig, x: jax.Array, num_qk: int) -> tuple[jax.Ar
     return u, v, scale_offset(z)
 
 
-def gated_output(cfg: GAUConfig, x: jax.Array, gated: jax.Array, *, deterministic: bool) -> jax.Array:
+def gated_output(cfg: GAUConfig, x: jax.Array, gated: jax.Array, *, deterministic: bool,
+                 condition: jax.Array | None = None) -> jax.Array:
     """The residual output `X + (U ⊙ A V) W_o` (normalised after the sum under post-norm).
 
-    Args: x `[batch, n, d]` the layer's input; gated `[batch, n, e]` = U ⊙ A V.
+    Args: x `[batch, n, d]` the layer's input; gated `[batch, n, e]` = U ⊙ A V; condition Conditional LayerNorm's
+    `[batch, k]` (on the post-norm).
     """
     out = _projection(cfg, (x.shape[-1],), ("expand", "embed"), "out")(gated)
     out = layers.Dropout(cfg.dropout_rate)(out, deterministic=deterministic)
     y = x + out.astype(x.dtype)
     if cfg.norm_position == "post":
-        y = layers.NORMS[cfg.norm](dtype=cfg.compute_dtype, name="norm")(y).astype(x.dtype)
+        y = norm(cfg, y, condition).astype(x.dtype)
     return y

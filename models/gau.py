@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from models import attention, backend, flash, layers, pallas_attention, performer, positions as positions_lib
+from models import attention, backend, flash, gated_unit, layers, pallas_attention, performer
+from models import positions as positions_lib
 from models.gated_unit import ATTENTION_IMPLS, GAUConfig, gated_output, gated_projections
 
 __all__ = ["ATTENTION_LAYERS", "GAUConfig", "GAULanguageModel", "GatedAttentionUnit", "attention_implementation",
@@ -90,6 +91,8 @@ class GatedAttentionUnit(nn.Module):
       and is still combined with key_valid. n_keys is n, or in decode mode the cache length (the mask
       of the new tokens against every cache slot, unwritten slots False). The normalisers count each
       row's visible keys from the mask they are given, so softmax_plus's log l and relu2's 1/l follow it.
+      condition optional `[batch, k]`: Conditional LayerNorm (post 7124) on the layer's norm
+      (`models.gated_unit.norm`; model.condition_size = k).
     Returns: (y `[batch, n, d]`, this layer's scores if `residual_scores` is configured, else None).
     The attention weights are sown into `intermediates/attention_weights` (`[batch, n, n_keys]`) on the
     XLA path only: the Pallas path (`attention_implementation` → 'pallas') never forms them, so nothing
@@ -104,16 +107,16 @@ class GatedAttentionUnit(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, rope: Any, positions: jax.Array, key_valid: jax.Array | None = None,
                  cache_index: jax.Array | None = None, residual_scores: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None):
+                 attention_mask: jax.Array | None = None, condition: jax.Array | None = None):
         cfg = self.config
-        u, v, (q, k) = gated_projections(cfg, x, 2)
+        u, v, (q, k) = gated_projections(cfg, x, 2, condition)
         q, k = layers.maybe_rope(q, rope), layers.maybe_rope(k, rope)
         impl = attention_implementation(cfg, decode=self.decode, explicit_mask=attention_mask is not None)
         if impl == "pallas":
             av = pallas_attention.batch_sharded_attention(q, k, v, batch_axes=_batch_mesh_axes(),
                                                           normalizer=cfg.normalizer, causal=cfg.causal,
                                                           key_valid=key_valid)
-            return gated_output(cfg, x, u * av, deterministic=self.deterministic), None
+            return gated_output(cfg, x, u * av, deterministic=self.deterministic, condition=condition), None
 
         key_positions = positions
         # relu2_paper's n: the sequence's unpadded length (in decoding, the cache length). Under an explicit
@@ -138,7 +141,8 @@ class GatedAttentionUnit(nn.Module):
             scores, mask, key_dim=cfg.key_dim, train_length=cfg.train_length, sequence_length=length)
         self.sow("intermediates", "attention_weights", weights)
         o = u * jnp.einsum("bqk,bke->bqe", weights.astype(v.dtype), v)
-        return gated_output(cfg, x, o, deterministic=self.deterministic), (scores if cfg.residual_scores else None)
+        return (gated_output(cfg, x, o, deterministic=self.deterministic, condition=condition),
+                scores if cfg.residual_scores else None)
 
     def _update_cache(self, k, v, cache_index):
         """Writes this call's keys/values at `cache_index`; returns the whole cache and its positions."""
@@ -233,10 +237,16 @@ class GAULanguageModel(nn.Module):
     it (https://kexue.fm/archives/9052; UniLM: https://kexue.fm/archives/6933). 'gau' layers only: FLASH
     and the Performer raise ValueError, and attention_impl 'pallas' too ('auto' takes the XLA path).
 
+    With `condition_size` > 0 every norm (each layer's, and the embedding or final norm) is a Conditional
+    LayerNorm (post 7124, https://kexue.fm/archives/7124): `condition` `[batch, condition_size]` shifts its
+    γ and β through zero-initialised projections (`<norm>_condition`), so a pretrained stack computes what it
+    did until they train ('gau' layers only).
+
     Args (call): tokens `[batch, length]` int; `segment_ids` optional `[batch, length]` int (added as
       `segment_embed` rows when `type_vocab_size` > 0; default zeros); `padding_mask` optional
       `[batch, length]` bool; `attention_mask` optional `[batch, length, n_keys]` bool, n_keys = length,
-      or in decode mode the cache length (the new tokens against every cache slot).
+      or in decode mode the cache length (the new tokens against every cache slot); `condition`
+      `[batch, condition_size]` when the config has condition_size > 0, else None.
     Returns: logits `[batch, length, vocab]` float32.
     """
 
@@ -245,9 +255,17 @@ class GAULanguageModel(nn.Module):
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool = False, decode: bool = False,
                  padding_mask: jax.Array | None = None, segment_ids: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None) -> jax.Array:
+                 attention_mask: jax.Array | None = None, condition: jax.Array | None = None) -> jax.Array:
         cfg = self.config
         dtype = cfg.compute_dtype
+        if (condition is None) != (cfg.condition_size == 0) or (
+                condition is not None and condition.shape != (tokens.shape[0], cfg.condition_size)):
+            raise ValueError(f"GAULanguageModel: condition_size is {cfg.condition_size}, so condition must be "
+                             f"{'None' if not cfg.condition_size else f'[batch, {cfg.condition_size}]'}, got "
+                             f"{None if condition is None else condition.shape}")
+        if condition is not None and cfg.attention != "gau":
+            raise ValueError(f"GAULanguageModel: Conditional LayerNorm (condition_size > 0) needs attention 'gau', "
+                             f"got {cfg.attention!r}")
         n = tokens.shape[1]
         positions, cache_index = np.arange(n), None  # NumPy: tables become constants (layers.rope_tables)
         if decode and self.has_variable("cache", "index"):
@@ -270,21 +288,22 @@ class GAULanguageModel(nn.Module):
                              "embeddings); set model.type_vocab_size ≥ 2 or pass no segment_ids")
         x, rope = positions_lib.POSITIONS[cfg.position](cfg, x, positions)
         if cfg.norm_position == "post":
-            x = layers.NORMS[cfg.norm](dtype=dtype, name="embed_norm")(x)
+            x = gated_unit.norm(cfg, x, condition, name="embed_norm")
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
+        conditioned = () if condition is None else (condition,)  # FLASH and the Performer take no condition
         if cfg.scan_layers:
             x = scanned_layers(cfg)(cfg, deterministic=not train, decode=decode, name="layers")(
-                x, rope, positions, padding_mask, cache_index, None, attention_mask)[0]
+                x, rope, positions, padding_mask, cache_index, None, attention_mask, *conditioned)[0]
         else:
             layer_cls = ATTENTION_LAYERS[cfg.attention]
             layer_cls = nn.remat(layer_cls) if cfg.remat else layer_cls
             scores = None
             for i in range(cfg.num_layers):
                 x, scores = layer_cls(cfg, deterministic=not train, decode=decode, name=f"layer_{i}")(
-                    x, rope, positions, padding_mask, cache_index, scores, attention_mask)
+                    x, rope, positions, padding_mask, cache_index, scores, attention_mask, *conditioned)
                 x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
         if cfg.norm_position == "pre":
-            x = layers.NORMS[cfg.norm](dtype=dtype, name="final_norm")(x)
+            x = gated_unit.norm(cfg, x, condition, name="final_norm")
         logits = layers.Projection((cfg.vocab_size,), ("embed", "vocab"), name="logits", dtype=dtype,
                                    use_bias=cfg.use_bias,
                                    kernel_init=layers.KERNEL_INITS[cfg.kernel_init](cfg.num_layers))(x)

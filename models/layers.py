@@ -298,9 +298,11 @@ class Dropout(nn.Module):
 class ConditionalShift(nn.Module):
     """Conditional Layer Normalization's conditional part (post 7124, https://kexue.fm/archives/7124):
 
-        CLN(x, c) = x̂ ⊙ (γ + W_γ c) + (β + W_β c) = LayerNorm(x) + x̂ ⊙ W_γ c + W_β c,   x̂ = (x − μ) / σ
+        CLN(x, c) = x̂ ⊙ (γ + W_γ c) + (β + W_β c) = Norm(x) + x̂ ⊙ W_γ c + W_β c
 
-    This module returns the last two terms, added to an ordinary LayerNorm's output, so the norm keeps its
+    with x̂ the norm's normalised input: (x − μ) / σ for 'layernorm', x / rms(x) for the RMS norms and ScaleNorm
+    (ScaleNorm's g · x / ‖x‖ is g/√d · x / rms(x)), whose γ is then 1 (GAU-α's scaleless norm) or its own scale.
+    This module returns the last two terms, added to an ordinary norm's output, so the norm keeps its
     parameters' names (a pretrained checkpoint loads unchanged) and, with W_γ, W_β zero-initialised, the
     conditional model computes exactly what the unconditional one does until it trains.
 
@@ -309,11 +311,18 @@ class ConditionalShift(nn.Module):
 
     epsilon: float = 1e-12
     dtype: jnp.dtype = jnp.float32
+    norm: str = "layernorm"  # a key of NORMS: how x̂ is formed
 
     @nn.compact
     def __call__(self, x: jax.Array, condition: jax.Array) -> jax.Array:
+        if self.norm not in NORMS:
+            raise ValueError(f"ConditionalShift: norm is {self.norm!r}; expected one of {sorted(NORMS)}")
         d = x.shape[-1]
-        x_hat = nn.LayerNorm(epsilon=self.epsilon, use_scale=False, use_bias=False, dtype=self.dtype)(x)
+        x32 = x.astype(jnp.float32)
+        if self.norm == "layernorm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        x_hat = (x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)).astype(
+            self.dtype)
         project = lambda name: Projection((d,), (None, "embed"), use_bias=False, dtype=self.dtype,  # noqa: E731
                                           kernel_init=nn.initializers.zeros, name=name)(condition)[:, None, :]
         return x_hat * project("scale") + project("bias")

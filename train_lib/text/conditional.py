@@ -1,13 +1,13 @@
 """Task 'conditional_lm': class-conditional text generation from a pretrained encoder (post 7124).
 
-The encoder (RoFormer/BERT, from `init_from`, e.g. the masked-LM char model) becomes a left-to-right language
-model under the causal mask, `[CLS] text [SEP]` with a cross-entropy on the text tokens and the final [SEP]. The
-class label (`conditional.labels`, the corpus' 'label' field) enters one of three ways (`conditional.condition`):
+The encoder (RoFormer/BERT or GAU-α, `model.architecture`; from `init_from`, e.g. the masked-LM char model)
+becomes a left-to-right language model under the causal mask, `[CLS] text [SEP]` with a cross-entropy on the text
+tokens and the final [SEP]. The class label (`conditional.labels`, the corpus' 'label' field) enters one of three ways (`conditional.condition`):
 
 - 'cln': Conditional Layer Normalization (Su, "基于Conditional Layer Normalization的条件文本生成",
-  https://kexue.fm/archives/7124): a learned label embedding `[C, condition_size]` shifts every LayerNorm's γ and β
-  through zero-initialised projections (`models.layers.ConditionalShift`), so at initialisation the model is
-  exactly the pretrained one.
+  https://kexue.fm/archives/7124): a learned label embedding `[C, condition_size]` shifts every norm's γ and β
+  (the Transformer's LayerNorms, GAU-α's RMS norms) through zero-initialised projections
+  (`models.layers.ConditionalShift`), so at initialisation the model is exactly the pretrained one.
 - 'prefix': the label as a token after [CLS] ([unused1] for class 0, [unused2] for class 1, ...), the usual way.
 - 'none': no label (an unconditional LM: the baseline that any label-awareness must beat).
 
@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from models import gau as gau_lib
 from models import masks as masks_lib
 from models import transformer as transformer_lib
 from train_lib import config_lib
@@ -63,12 +64,10 @@ class ConditionalLMTask(TextTask):
             raise ConfigError(f"config: 'conditional.labels' must name at least two distinct classes, got {s.labels!r}")
         if s.condition == "cln" and s.condition_size <= 0:
             raise ConfigError(f"config: 'conditional.condition_size' must be positive for 'cln', got {s.condition_size}")
-        if self.model.architecture != "transformer":
-            raise ConfigError("config: task 'conditional_lm' needs model.architecture='transformer' (RoFormer/BERT)")
         if self.data_settings.corpus == "pretraining":
             raise ConfigError("config: task 'conditional_lm' needs (text, label) records: set data.corpus to "
                               "'reviews' or 'jsonl'")
-        if self.model.config.condition_size:
+        if self.model.architecture == "transformer" and self.model.config.condition_size:
             raise ConfigError("config: model.condition_size is set by conditional.condition_size; remove it")
         self.num_classes = len(s.labels)
         self.label_tokens = ()
@@ -80,7 +79,9 @@ class ConditionalLMTask(TextTask):
             self.label_tokens = tuple(unused[:self.num_classes])
         if s.condition == "cln":
             cfg = dataclasses.replace(self.model.config, condition_size=s.condition_size)
-            self.model = modeling.TextModel("transformer", cfg, transformer_lib.TransformerEncoder(cfg))
+            module = (transformer_lib.TransformerEncoder(cfg) if self.model.architecture == "transformer"
+                      else gau_lib.GAULanguageModel(cfg))
+            self.model = modeling.TextModel(self.model.architecture, cfg, module)
         self.start = 2 if s.condition == "prefix" else 1  # the first predicted token's position
         self._lms = {}
 

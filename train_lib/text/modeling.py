@@ -22,7 +22,7 @@ from train_lib.config_lib import ConfigError
 
 ARCHITECTURES = ("transformer", "gau")
 # GAUConfig fields the text family sets itself (the tokenizer gives the vocabulary; an encoder is bidirectional).
-_GAU_FIXED = ("vocab_size", "causal", "type_vocab_size")
+_GAU_FIXED = ("vocab_size", "causal", "type_vocab_size", "condition_size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,14 +60,14 @@ class TextModel:
         """Token logits `[batch, n, vocab]` float32 (the MLM head of the Transformer, the output layer of GAU), or
         `[batch, m, vocab]` at `positions` `[batch, m]`: the Transformer then computes its head there only."""
         rngs = {"dropout": rng} if train and rng is not None else {}
+        extra = {} if condition is None else {"condition": condition}  # Conditional LayerNorm's [b, k]
         if self.architecture == "transformer":
-            extra = {} if condition is None else {"condition": condition}  # Conditional LayerNorm's [b, k]
             out = self.module.apply({"params": params}, tokens, segment_ids=segment_ids, padding_mask=padding_mask,
                                     attention_mask=attention_mask, train=train, heads=("mlm",),
                                     mlm_positions=positions, rngs=rngs, **extra)
             return out["mlm_logits"]
         logits = self.module.apply({"params": params}, tokens, segment_ids=segment_ids, padding_mask=padding_mask,
-                                   attention_mask=attention_mask, train=train, rngs=rngs)
+                                   attention_mask=attention_mask, train=train, rngs=rngs, **extra)
         return logits if positions is None else jnp.take_along_axis(logits, positions[..., None], axis=1)
 
     def cached_lm(self):
@@ -76,8 +76,8 @@ class TextModel:
 
         module, architecture = self.module, self.architecture
 
-        conditioned = architecture == "transformer" and self.config.condition_size > 0
-        width = self.config.condition_size if conditioned else 0
+        width = self.config.condition_size  # > 0: Conditional LayerNorm, whose condition every call takes
+        conditioned = width > 0
 
         def init_cache(batch: int, max_length: int):
             tokens = jnp.zeros((batch, max_length), jnp.int32)
@@ -89,8 +89,8 @@ class TextModel:
 
         def apply(params, cache, tokens, *, segment_ids, position_ids, attention_mask, condition=None):
             variables = {"params": params, "cache": cache}
+            extra = {} if condition is None else {"condition": condition}
             if architecture == "transformer":
-                extra = {} if condition is None else {"condition": condition}
                 out, updated = module.apply(variables, tokens, segment_ids=segment_ids, position_ids=position_ids,
                                             attention_mask=attention_mask, decode=True, heads=("mlm",),
                                             mutable=["cache"], **extra)
@@ -99,7 +99,7 @@ class TextModel:
             # need not follow position_ids: left padding shifts a whole row, which rotary scores ignore.
             del position_ids
             logits, updated = module.apply(variables, tokens, segment_ids=segment_ids, attention_mask=attention_mask,
-                                           decode=True, mutable=["cache"])
+                                           decode=True, mutable=["cache"], **extra)
             return logits, updated["cache"]
 
         return decoding.CachedLM(init_cache=init_cache, apply=apply)

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from experiments import review_lm
-from models import layers, masks
+from models import gau, layers, masks
 from models import transformer as transformer_lib
+from models.gated_unit import GAUConfig
 from tests.train_lib.text.test_task import QUICK_OVERRIDES
 from train_lib import config_lib, registry, state as state_lib, trainer
 
@@ -42,28 +43,60 @@ def test_cln_at_initialisation_is_exactly_the_unconditional_model():
         assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
 
 
-def test_conditional_shift_is_the_closed_form():
+@pytest.mark.parametrize("norm_position,norm,scan", [("pre", "rmsnorm", False), ("post", "rmsnorm_noscale", False),
+                                                     ("post", "rmsnorm_noscale", True), ("pre", "layernorm", True)])
+def test_gau_cln_at_initialisation_is_exactly_the_unconditional_model(norm_position, norm, scan):
+    cfg = GAUConfig(vocab_size=50, num_layers=2, embed_dim=16, key_dim=8, causal=False, type_vocab_size=2,
+                    norm=norm, norm_position=norm_position, scan_layers=scan)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (3, 9), 0, cfg.vocab_size)
+    conditional = gau.GAULanguageModel(dataclasses.replace(cfg, condition_size=5))
+    condition = jax.random.normal(jax.random.PRNGKey(1), (3, 5))
+    params = state_lib.unbox(conditional.init(jax.random.PRNGKey(2), tokens, condition=condition)["params"])
+    names = set(state_lib.path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
+    layer = "layers" if scan else "layer_0"
+    outer = "embed_norm" if norm_position == "post" else "final_norm"
+    assert {f"{layer}/norm_condition/scale/kernel", f"{outer}_condition/bias/kernel"} <= names, sorted(names)
+
+    def strip(tree):
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in tree.items() if not k.endswith("_condition")}
+    a = conditional.apply({"params": params}, tokens, condition=condition)
+    b = gau.GAULanguageModel(cfg).apply({"params": strip(params)}, tokens)
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    trained = jax.tree_util.tree_map_with_path(  # trained-looking W: the condition changes the output
+        lambda p, v: jax.random.normal(jax.random.PRNGKey(5), v.shape) * 0.1 if "_condition" in state_lib.path_name(p)
+        else v, params)
+    c = conditional.apply({"params": trained}, tokens, condition=condition)
+    assert not np.allclose(np.asarray(c), np.asarray(b), atol=1e-3)
+    with pytest.raises(ValueError, match=r"condition_size is 5, so condition must be \[batch, 5\], got None"):
+        conditional.apply({"params": params}, tokens)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_conditional_shift_is_the_closed_form(norm):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 6)) * 3 + 1
     c = jax.random.normal(jax.random.PRNGKey(1), (2, 3))
-    module = layers.ConditionalShift(epsilon=1e-6)
+    module = layers.ConditionalShift(epsilon=1e-6, norm=norm)
     params = state_lib.unbox(module.init(jax.random.PRNGKey(2), x, c)["params"])
     params = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(3), p.shape), params)
     got = np.asarray(module.apply({"params": params}, x, c), np.float64)
     x64, c64 = np.asarray(x, np.float64), np.asarray(c, np.float64)
-    x_hat = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+    if norm == "layernorm":  # (x − μ) / σ
+        x_hat = (x64 - x64.mean(-1, keepdims=True)) / np.sqrt(x64.var(-1, keepdims=True) + 1e-6)
+    else:  # x / rms(x)
+        x_hat = x64 / np.sqrt(np.mean(x64 ** 2, -1, keepdims=True) + 1e-6)
     w_scale = np.asarray(params["scale"]["kernel"], np.float64)
     w_bias = np.asarray(params["bias"]["kernel"], np.float64)
     expected = x_hat * (c64 @ w_scale)[:, None] + (c64 @ w_bias)[:, None]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["cln", "prefix", "none"])
+@pytest.mark.parametrize("preset", ["cln", "prefix", "none", "cln,gau_alpha"])
 def test_loss_is_the_text_tokens_cross_entropy(preset):
     task = registry.make_task(quick(f"quick,{preset}"))
     train, _, _ = task.datasets((0, task.batch_size))
     batch = {k: jnp.asarray(v) for k, v in next(iter(train)).items()}
     params = state_lib.unbox(task.init_params(jax.random.PRNGKey(0), batch))
-    if preset == "cln":  # trained-looking W so that the label matters
+    if preset.startswith("cln"):  # trained-looking W so that the label matters
         params = jax.tree_util.tree_map_with_path(
             lambda p, v: jax.random.normal(jax.random.PRNGKey(5), v.shape) * 0.1 if "_condition" in
             state_lib.path_name(p) else v, params)
@@ -81,12 +114,12 @@ def test_loss_is_the_text_tokens_cross_entropy(preset):
                  - logits[row, t, tokens[row, t + 1]] for t in range(start - 1, tokens.shape[1] - 1) if valid[row, t + 1]]
         per_example.append(np.mean(terms))
     np.testing.assert_allclose(float(loss), np.mean(per_example), rtol=1e-5)
-    if preset == "cln":  # the label changes the prediction
+    if preset.startswith("cln"):  # the label changes the prediction
         flipped = dict(batch, label=1 - batch["label"])
         assert abs(float(task.loss(params, flipped, jax.random.PRNGKey(1), train=False)[0]) - float(loss)) > 1e-4
 
 
-@pytest.mark.parametrize("preset", ["cln", "prefix"])
+@pytest.mark.parametrize("preset", ["cln", "prefix", "cln,gau_alpha"])
 def test_trains_on_8_devices_and_samples_with_the_cache(preset, tmp_path):
     config = quick(f"quick,{preset}", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2})
     result = trainer.train_and_evaluate(config, str(tmp_path))
