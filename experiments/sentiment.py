@@ -14,6 +14,7 @@ Presets (methods; README "Fine-tuning a pretrained encoder"):
   (none)          full fine-tuning: [CLS] pooler + dense, every parameter trains
   rdrop           full fine-tuning with R-Drop (α = 4; post 8496)
   pet             PET: '{mask}满意。{text}' with label words 不/很, the MLM trains (post 7764)
+  pet_mlm         PET with the masked-LM loss on as many unlabelled train texts per batch (weight 1, 15% masked)
   ptuning         P-tuning: 4 prompt tokens, [MASK], 4 more, then the text; only the prompt table trains (post 8295)
   ptuning_mlp, ptuning_lstm   the same with the paper code's MLP / LSTM+MLP prompt encoder
   ptuning_causal  P-tuning of a left-to-right LM (runs/review_lm_none: `python -m train_lib.main
@@ -22,6 +23,7 @@ Presets (methods; README "Fine-tuning a pretrained encoder"):
   adapters        Houlsby adapters of 16 units; adapters, norms, pooler and head train
   lst             Ladder Side-Tuning: a side network 1/8 as wide over the frozen backbone, gated (post 9138)
   lst_added       the same, side inputs added instead of gated
+  lst_cached      LST with the backbone's outputs computed once before training (needs init_from)
   focal, logit_adjusted       the class loss (post 7708); with `imbalanced`: negatives subsampled to 1:20
 """
 import ml_collections
@@ -97,6 +99,18 @@ def _lst_added(config, variant):
     config.classify.lst_fusion = "added"
 
 
+def _pet_mlm(config, variant):
+    del variant
+    set_method(config, "pet")
+    config.classify.mlm_weight = 1.0
+
+
+def _lst_cached(config, variant):
+    del variant
+    set_method(config, "lst")
+    config.classify.lst_cache_features = True
+
+
 def _loss(name):
     def preset(config, variant):
         del variant
@@ -110,9 +124,10 @@ def _imbalanced(config, variant):
     config.classify.minority_ratio = 0.05
 
 
-_PRESETS = {"rdrop": _rdrop, "pet": _method("pet"), "ptuning": _method("ptuning"), "adapters": _method("adapters"),
-            "lst": _method("lst"), "ptuning_mlp": _prompt_encoder("mlp"), "ptuning_lstm": _prompt_encoder("lstm"),
-            "lst_added": _lst_added, "ptuning_causal": _ptuning_causal, "focal": _loss("focal"), "logit_adjusted": _loss("logit_adjusted"),
+_PRESETS = {"rdrop": _rdrop, "pet": _method("pet"), "pet_mlm": _pet_mlm, "ptuning": _method("ptuning"),
+            "adapters": _method("adapters"), "lst": _method("lst"), "ptuning_mlp": _prompt_encoder("mlp"),
+            "ptuning_lstm": _prompt_encoder("lstm"), "lst_added": _lst_added, "lst_cached": _lst_cached,
+            "ptuning_causal": _ptuning_causal, "focal": _loss("focal"), "logit_adjusted": _loss("logit_adjusted"),
             "imbalanced": _imbalanced}
 
 
@@ -135,7 +150,8 @@ def get_config(arg: str | None = "small") -> ml_collections.ConfigDict:
         "method": "finetune", "labels": ("negative", "positive"), "template": "{mask}满意。{text}",
         "verbalizer": ("不", "很"), "pet_loss": "vocab", "loss": "ce", "focal_gamma": 2.0, "logit_adjust_tau": 1.0,
         "rdrop_alpha": 0.0, "classifier_dropout": 0.1, "train_examples": 0, "sample_seed": 0, "minority_label": "",
-        "minority_ratio": 0.05, "lst_reduction": 8, "lst_fusion": "gated", "lst_taps": (), "causal": False})
+        "minority_ratio": 0.05, "lst_reduction": 8, "lst_fusion": "gated", "lst_taps": (), "causal": False,
+        "lst_cache_features": False, "mlm_weight": 0.0, "mlm_rate": 0.15})
     config.optimizer = common.optimizer_config("adamw", learning_rate=lr, warmup_steps=warmup, end_lr_factor=0.1,
                                                weight_decay=0.01, grad_clip_norm=1.0, b1=0.9, b2=0.98, eps=1e-6)
     config.optimizer.trainable = ()

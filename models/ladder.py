@@ -14,7 +14,8 @@ and P-tuning train few parameters but still backpropagate through every layer ab
 paper also initialises the side layers from a pruned copy of the backbone; here they start from the usual
 normal initialisation.
 
-Shapes: hidden_states L + 1 arrays `[batch, n, d]`; returns `[batch, n, d / reduction]`.
+Shapes: hidden_states L + 1 arrays `[batch, n, d]` (a list), or a mapping from layer number to array holding at
+least layer 0 and the taps (what a cache of the backbone's outputs keeps); returns `[batch, n, d / reduction]`.
 """
 from __future__ import annotations
 
@@ -57,8 +58,12 @@ class LadderSideNetwork(nn.Module):
         if self.fusion not in FUSIONS:
             raise ValueError(f"LadderSideNetwork: fusion is {self.fusion!r}; expected one of {list(FUSIONS)}")
         cfg = side_config(self.backbone, self.reduction)
-        taps = self.taps or tuple(range(1, len(hidden_states)))
-        hidden_states = [jax.lax.stop_gradient(h) for h in hidden_states]
+        taps = self.taps or tuple(range(1, self.backbone.num_layers + 1))
+        missing = [i for i in (0,) + taps if not (i in hidden_states if isinstance(hidden_states, dict)
+                                                  else i < len(hidden_states))]
+        if missing:
+            raise ValueError(f"LadderSideNetwork: hidden_states lack the backbone layers {missing} (taps {taps})")
+        hidden_states = {i: jax.lax.stop_gradient(hidden_states[i]) for i in (0,) + taps}
         down = lambda x, name: layers.Projection(  # noqa: E731
             (cfg.hidden_size,), ("embed", None), dtype=cfg.compute_dtype,
             kernel_init=nn.initializers.normal(stddev=cfg.initializer_range), name=name)(x)

@@ -9,7 +9,11 @@ and no gradient computation), which the experiment presets set per method:
   text inside a template with a [MASK] (`classify.template`, e.g. '{mask}满意。{text}'), scored by the MLM head at
   [MASK] over one label word per class (`classify.verbalizer`, e.g. ('不', '很')). No new parameter, so it
   classifies zero-shot; fine-tuned, the MLM's cross-entropy over the vocabulary at [MASK] with the label word as
-  the target (the post's loss; `pet_loss='labels'`: over the label words only, as the paper).
+  the target (the post's loss; `pet_loss='labels'`: over the label words only, as the paper). With `mlm_weight`
+  > 0, each batch also holds as many unlabelled texts (the train split's texts outside the labelled sample) in
+  the template, `mlm_rate` of their text tokens masked BERT's way (80% [MASK], 10% random, 10% kept), and
+  `mlm_weight` × their masked-LM cross-entropy joins the loss: the post's semi-supervised PET, which keeps the
+  MLM a language model of the task's text (the paper's auxiliary language-modelling loss).
 - 'ptuning': P-tuning (Liu et al., arXiv 2103.10385; https://kexue.fm/archives/8295): the template's `{p}` slots
   are prompt tokens ([unused1], [unused2], ...) whose embeddings come from their own table (`model.prompt_encoder`:
   'none', 'mlp', 'lstm'); with `optimizer.trainable` = the prompt table, only those embeddings train. With
@@ -18,7 +22,9 @@ and no gradient computation), which the experiment presets set per method:
 - 'adapters': Houlsby adapters (`model.adapter_size`) in every layer; the adapters, norms and head train.
 - 'lst': Ladder Side-Tuning (arXiv 2206.06522; https://kexue.fm/archives/9138, `models.ladder`): a side network
   of width d / `lst_reduction` reads the frozen backbone's layer outputs (under stop_gradient), and its [CLS]
-  state is classified.
+  state is classified. The backbone runs without dropout and never trains, so its outputs are the same every
+  epoch: `lst_cache_features` computes them once (from `init_from`, when the datasets are built) and feeds
+  them with each batch, so a train step runs the side network alone.
 
 Losses on the class logits: cross-entropy, focal (`losses.softmax_focal_loss`) or logit-adjusted cross-entropy
 with the training set's class prior (`losses.logit_adjusted_cross_entropy`; post https://kexue.fm/archives/7708),
@@ -32,7 +38,9 @@ macro-F1 and each class's recall.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import math
 import re
 from typing import Any
 
@@ -47,8 +55,9 @@ from models import ladder
 from models import masks as masks_lib
 from models import layers as layers_lib
 from models import transformer as transformer_lib
-from train_lib import config_lib
+from train_lib import config_lib, optim
 from train_lib.config_lib import ConfigError
+from train_lib.state import path_name
 from train_lib.text import data as data_lib
 from train_lib.text import modeling
 from train_lib.text.task import TextTask
@@ -84,6 +93,9 @@ class ClassifySettings:
     lst_reduction: int = 8
     lst_fusion: str = "gated"  # 'gated' (the paper) or 'added' (the post)
     lst_taps: tuple[int, ...] = ()  # backbone layers (1 … L) the side network reads; (): all
+    lst_cache_features: bool = False  # lst: the backbone's outputs computed once, before training, not every step
+    mlm_weight: float = 0.0  # pet: > 0 adds this × the masked-LM loss on as many unlabelled texts per batch
+    mlm_rate: float = 0.15  # pet with mlm_weight: the fraction of the unlabelled texts' tokens masked
 
 
 def _settings(node) -> ClassifySettings:
@@ -104,6 +116,15 @@ def _settings(node) -> ClassifySettings:
     if s.minority_label and s.minority_label not in s.labels:
         raise ConfigError(f"config: 'classify.minority_label' {s.minority_label!r} is not one of classify.labels "
                           f"{list(s.labels)}")
+    if s.mlm_weight < 0 or not 0 < s.mlm_rate < 1:
+        raise ConfigError(f"config: 'classify.mlm_weight' must be ≥ 0 and 'classify.mlm_rate' in (0, 1), got "
+                          f"{s.mlm_weight}, {s.mlm_rate}")
+    if s.mlm_weight and (s.method != "pet" or s.causal):
+        raise ConfigError(f"config: 'classify.mlm_weight' is PET's masked-LM loss on unlabelled text; it needs "
+                          f"classify.method 'pet' without causal, not {s.method!r}")
+    if s.lst_cache_features and s.method != "lst":
+        raise ConfigError(f"config: 'classify.lst_cache_features' caches Ladder Side-Tuning's backbone outputs; "
+                          f"it needs classify.method 'lst', not {s.method!r}")
     if not 0 < s.minority_ratio <= 1:
         raise ConfigError(f"config: 'classify.minority_ratio' must be in (0, 1], got {s.minority_ratio}")
     if s.rdrop_alpha < 0 or s.focal_gamma < 0 or not 0 <= s.classifier_dropout < 1 or s.lst_reduction < 1:
@@ -127,8 +148,15 @@ class SequenceClassifier(nn.Module):
     lst_fusion: str = "gated"
     lst_taps: tuple[int, ...] = ()
 
+    @property
+    def taps(self) -> tuple[int, ...]:
+        """The backbone layers the LST side network reads (1 … L)."""
+        return tuple(self.lst_taps) or tuple(range(1, self.encoder_config.num_layers + 1))
+
     @nn.compact
-    def __call__(self, tokens, padding_mask, mask_position, *, train: bool = False):
+    def __call__(self, tokens, padding_mask, mask_position, *, train: bool = False, features=None):
+        """`features` (lst only): the backbone's outputs read by the side network, `[b, 1 + k, n, d]` for layer 0
+        and the k taps (`ClassifyTask.backbone_features`); given, the backbone does not run."""
         cfg = self.encoder_config
         encoder = transformer_lib.TransformerEncoder(cfg, name="encoder")
 
@@ -148,12 +176,17 @@ class SequenceClassifier(nn.Module):
                               mlm_positions=mask_position[:, None])
             vocab_logits = out["mlm_logits"][:, 0]
             return vocab_logits[:, jnp.asarray(self.label_ids)], vocab_logits
-        if self.method == "lst":  # the backbone runs without dropout: nothing in it trains
-            out = encoder(tokens, padding_mask=padding_mask, train=False, heads=("hidden_states",))
+        if self.method == "lst":
+            layers = (0,) + self.taps
+            if features is None:  # the backbone runs without dropout: nothing in it trains
+                states = encoder(tokens, padding_mask=padding_mask, train=False, heads=("hidden_states",))[
+                    "hidden_states"]
+                states = {i: states[i] for i in layers}
+            else:
+                states = {i: features[:, j] for j, i in enumerate(layers)}
             mask = jnp.broadcast_to(padding_mask[:, None, :], (tokens.shape[0],) + tokens.shape[1:] * 2)
-            side = ladder.LadderSideNetwork(cfg, reduction=self.lst_reduction, taps=self.lst_taps,
-                                            fusion=self.lst_fusion, name="side")(out["hidden_states"], mask,
-                                                                                 train=train)
+            side = ladder.LadderSideNetwork(cfg, reduction=self.lst_reduction, taps=self.taps,
+                                            fusion=self.lst_fusion, name="side")(states, mask, train=train)
             return classify(side[:, 0]), None
         out = encoder(tokens, padding_mask=padding_mask, train=train, heads=("pooled",))
         return classify(out["pooled"]), None
@@ -237,6 +270,17 @@ class ClassifyTask(TextTask):
         if self.seq_len - fixed < 4:
             raise ConfigError(f"config: 'data.seq_len' {self.seq_len} leaves {self.seq_len - fixed} tokens for the "
                               f"text after the template's {fixed}; raise it")
+        if s.lst_cache_features:
+            if not self.init_from:
+                raise ConfigError("config: 'classify.lst_cache_features' caches the pretrained backbone's outputs; set "
+                                  "init_from (a workdir of this family or a Hugging Face directory)")
+            abstract = jax.eval_shape(self.init_params, jax.random.PRNGKey(0), self.batch_spec(1))
+            mask = optim.trainable_mask(abstract, tuple(config.optimizer.trainable))
+            moving = [path for path, m in jax.tree_util.tree_leaves_with_path(mask["encoder"]) if m]
+            if moving:
+                raise ConfigError("config: 'classify.lst_cache_features' needs a frozen backbone, but "
+                                  f"optimizer.trainable selects encoder parameters (e.g. encoder/"
+                                  f"{path_name(moving[0])}); the cached outputs would go stale")
         self._train_records = None
         prompts = iter(getattr(self, "prompt_ids", []))  # the template's fixed token ids, once (encode runs per example)
         self._template_ids = {i: ([tok.mask_id] if p == "{mask}" else [next(prompts)] if p == "{p}" else tok.encode(p))
@@ -262,20 +306,34 @@ class ClassifyTask(TextTask):
 
     # -- data ---------------------------------------------------------------------------------------------
 
-    def encode(self, text: str) -> dict[str, np.ndarray]:
-        """tokens, padding_mask `[seq_len]` and the [MASK] position of `[CLS] template(text) [SEP]`."""
+    @property
+    def text_room(self) -> int:
+        """How many of a text's tokens fit beside [CLS], the template's fixed tokens and [SEP]."""
+        return self.seq_len - 2 - sum(len(v) for v in self._template_ids.values())
+
+    def encode(self, text: str, *, text_span: bool = False) -> dict[str, np.ndarray]:
+        """tokens, padding_mask `[seq_len]` and the [MASK] position of `[CLS] template(text) [SEP]`; with
+        `text_span`, also 'text_mask' `[seq_len]`: 1 at the text's own tokens (what unlabelled MLM may mask)."""
         tok = self.tokenizer
         fixed = self._template_ids
-        room = self.seq_len - 2 - sum(len(v) for v in fixed.values())
-        ids = [tok.cls_id]
+        ids, span = [tok.cls_id], (0, 0)
         for i, piece in enumerate(self.pieces):
-            ids += tok.encode(text)[:max(room, 0)] if piece == "{text}" else fixed[i]
+            if piece == "{text}":
+                body = tok.encode(text)[:max(self.text_room, 0)]
+                span = (len(ids), len(ids) + len(body))
+                ids += body
+            else:
+                ids += fixed[i]
         ids = (ids + [tok.sep_id])[:self.seq_len]
         tokens = np.full(self.seq_len, tok.pad_id, np.int32)
         tokens[:len(ids)] = ids
         where = np.flatnonzero(tokens == tok.mask_id)
-        return {"tokens": tokens, "padding_mask": (np.arange(self.seq_len) < len(ids)).astype(np.int32),
-                "mask_position": np.int32(where[0] if len(where) else 0)}
+        example = {"tokens": tokens, "padding_mask": (np.arange(self.seq_len) < len(ids)).astype(np.int32),
+                   "mask_position": np.int32(where[0] if len(where) else 0)}
+        if text_span:
+            positions = np.arange(self.seq_len)
+            example["text_mask"] = ((positions >= span[0]) & (positions < span[1])).astype(np.int32)
+        return example
 
     def records(self, split: str) -> list[dict[str, str]]:
         fields = ("text", "label")
@@ -320,29 +378,78 @@ class ClassifyTask(TextTask):
 
     def batch_spec(self, batch_size):
         shape = (batch_size, self.seq_len)
-        return {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
+        spec = {"tokens": jax.ShapeDtypeStruct(shape, jnp.int32),
                 "padding_mask": jax.ShapeDtypeStruct(shape, jnp.int32),
                 "mask_position": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
                 "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
                 "weight": jax.ShapeDtypeStruct((batch_size,), jnp.float32)}
+        if self.settings.mlm_weight:  # PET's unlabelled texts, one per labelled example
+            spec["unlabelled_tokens"] = jax.ShapeDtypeStruct(shape, jnp.int32)
+            spec["unlabelled_text_mask"] = jax.ShapeDtypeStruct(shape, jnp.int32)
+        if self.settings.lst_cache_features:  # the backbone's outputs read by the side network
+            layers = 1 + len(self.module.taps)
+            spec["features"] = jax.ShapeDtypeStruct((batch_size, layers, self.seq_len, self.model.config.hidden_size),
+                                                    jnp.float32)
+        return spec
 
     def examples(self, records) -> "_Examples":
         return _Examples(records, self)
 
     def datasets(self, rows):
+        s = self.settings
         train_records = self.train_records()
         validation = self.records("validation")  # in a fixed random order: the first eval_batches hold every class
         validation = [validation[i] for i in np.random.default_rng(0).permutation(len(validation))]
-        train, evaluation = data_lib.pipelines(self.examples(train_records), self.examples(validation),
+        train_source, eval_source = self.examples(train_records), self.examples(validation)
+        extra = None
+        if s.mlm_weight:
+            labelled = {r["text"] for r in train_records}
+            pool = [r["text"] for r in self.records("train") if r["text"] not in labelled]
+            pool = pool or sorted(labelled)  # the whole split is labelled: its own texts, unlabelled
+            extra = functools.partial(_add_unlabelled, task=self, pool=pool)
+        if s.lst_cache_features:
+            eval_source = _Subset(eval_source, self.eval_batches * self.batch_size)  # all that the eval batches read
+            train_source, eval_source = (_WithFeatures(source, self.cached_features(source))
+                                         for source in (train_source, eval_source))
+        train, evaluation = data_lib.pipelines(train_source, eval_source,
                                                batch_size=self.batch_size, eval_batches=self.eval_batches,
-                                               seed=self.seed, rows=rows,
+                                               seed=self.seed, rows=rows, extra=extra,
                                                what=f"data.corpus={self.data_settings.corpus!r}")
-        counts = {label: sum(r["label"] == label for r in train_records) for label in self.settings.labels}
+        counts = {label: sum(r["label"] == label for r in train_records) for label in s.labels}
         info = data_lib.corpus_info(self.data_settings)
         info.update({"method": self.settings.method, "train_examples": len(train_records),
                      "train_class_counts": counts, "tokenizer": f"{self.tokenizer.kind}, {self.tokenizer.vocab_size} "
                                                                 f"tokens ({self.tokenizer_source})"})
         return train, evaluation, info
+
+    def backbone_features(self, encoder_params, tokens, padding_mask):
+        """The LST side network's inputs from the encoder's parameters: `[b, 1 + k, n, d]` (the embeddings' output
+        and the tapped layers'), as `SequenceClassifier` computes them when it is given no features."""
+        out = self.model.module.apply({"params": encoder_params}, tokens, padding_mask=padding_mask, train=False,
+                                      heads=("hidden_states",))
+        return jnp.stack([out["hidden_states"][i] for i in (0,) + self.module.taps], axis=1)
+
+    def cached_features(self, source, *, batch_size: int = 64) -> np.ndarray:
+        """LST's backbone outputs for every example of `source`, `[N, 1 + k, n, d]` float32, from the pretrained
+        encoder (`init_from`; every parameter the outputs depend on must come from it)."""
+        pretrained = self.pretrained_params() or {}
+        params = self.initial_params()
+        names = [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(params["encoder"])]
+        missing = [n for n in names if f"encoder/{n}" not in pretrained and not n.startswith(("pooler/", "mlm_head/"))]
+        if missing:
+            raise ConfigError(f"config: 'classify.lst_cache_features' needs the whole backbone from init_from "
+                              f"{self.init_from!r}, which lacks encoder/{missing[0]} ({len(missing)} in all)")
+        fn = jax.jit(self.backbone_features)
+        out = []
+        for start in range(0, len(source), batch_size):
+            rows = [source[i] for i in range(start, min(start + batch_size, len(source)))]
+            tokens = np.stack([r["tokens"] for r in rows])
+            valid = np.stack([r["padding_mask"] for r in rows]) > 0
+            out.append(np.asarray(fn(params["encoder"], tokens, valid), np.float32))
+        features = np.concatenate(out)
+        log.info("lst_cache_features: the backbone's outputs of %d examples cached (%.0f MiB)", len(features),
+                 features.nbytes / 2**20)
+        return features
 
     # -- parameters and losses ----------------------------------------------------------------------------
 
@@ -358,8 +465,11 @@ class ClassifyTask(TextTask):
     def logits(self, params, batch, rng=None, *, train=False):
         """(class logits `[b, C]`, vocabulary logits at [MASK] `[b, V]` or None)."""
         rngs = {"dropout": rng} if train and rng is not None else {}
+        features = batch.get("features")  # LST's cached backbone outputs (absent: the backbone runs)
+        if features is not None:
+            features = features.astype(self.model.config.compute_dtype)
         return self.module.apply({"params": params}, batch["tokens"], batch["padding_mask"] > 0,
-                                 batch["mask_position"], train=train, rngs=rngs)
+                                 batch["mask_position"], train=train, rngs=rngs, features=features)
 
     def _class_loss(self, logits, labels):
         s = self.settings
@@ -374,7 +484,7 @@ class ClassifyTask(TextTask):
     def loss(self, params, batch, rng, *, train=True):
         s = self.settings
         labels, weight = batch["label"], batch["weight"]
-        first, second = jax.random.split(rng)
+        first, second, third = jax.random.split(rng, 3)
         class_logits, vocab_logits = self.logits(params, batch, first, train=train)
         if s.method in ("pet", "ptuning") and s.pet_loss == "vocab":
             targets = jnp.asarray(self.label_ids)[labels]
@@ -387,7 +497,44 @@ class ClassifyTask(TextTask):
             per_example = self._class_loss(class_logits, labels)
         correct = (jnp.argmax(class_logits, -1) == labels).astype(jnp.float32)
         total = jnp.maximum(jnp.sum(weight), 1.0)
-        return jnp.sum(per_example * weight) / total, {"accuracy": jnp.sum(correct * weight) / total}
+        loss, metrics = jnp.sum(per_example * weight) / total, {"accuracy": jnp.sum(correct * weight) / total}
+        if s.mlm_weight:
+            mlm = self.unlabelled_mlm_loss(params, batch, third, train=train)
+            loss, metrics["unlabelled_mlm_loss"] = loss + s.mlm_weight * mlm, mlm
+        return loss, metrics
+
+    @property
+    def num_mlm_predicted(self) -> int:
+        """Positions of an unlabelled text whose MLM logits are computed: twice the expected masked count."""
+        return min(self.text_room, max(1, math.ceil(2 * self.settings.mlm_rate * self.text_room)))
+
+    def mask_unlabelled(self, tokens, text_mask, rng):
+        """(inputs, predicted positions `[b, m]`, whether each is masked `[b, m]`): each text token is masked with
+        probability `mlm_rate` (one uniform draw per token; beyond `num_mlm_predicted` in a row, the rest stay as
+        they are), then 80% → [MASK], 10% → a random token, 10% kept."""
+        tok = self.tokenizer
+        noise_rng, choice_rng, random_rng = jax.random.split(rng, 3)
+        noise = jax.random.uniform(noise_rng, tokens.shape)
+        drawn = (text_mask > 0) & (noise < self.settings.mlm_rate)
+        order = jnp.argsort(jnp.where(drawn, noise, 2.0), axis=-1)[:, :self.num_mlm_predicted]
+        valid = jnp.take_along_axis(drawn, order, axis=1)
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        masked = jnp.zeros_like(drawn).at[rows, order].set(valid)
+        choice = jax.random.uniform(choice_rng, tokens.shape)
+        random_tokens = jax.random.randint(random_rng, tokens.shape, 0, tok.vocab_size)
+        inputs = jnp.where(masked & (choice < 0.8), tok.mask_id,
+                           jnp.where(masked & (choice < 0.9), random_tokens, tokens))
+        return inputs, order, valid
+
+    def unlabelled_mlm_loss(self, params, batch, rng, *, train=True):
+        """The masked-LM cross-entropy of the batch's unlabelled texts (mean over their masked tokens)."""
+        mask_rng, dropout_rng = jax.random.split(rng)
+        tokens = batch["unlabelled_tokens"]
+        inputs, positions, valid = self.mask_unlabelled(tokens, batch["unlabelled_text_mask"], mask_rng)
+        logits = self.model.logits(params["encoder"], inputs, padding_mask=tokens != self.tokenizer.pad_id,
+                                   train=train, rng=dropout_rng, positions=positions)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.take_along_axis(tokens, positions, axis=1))
+        return jnp.sum(jnp.where(valid, nll, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
 
     def eval_sums(self, params, batch):
         class_logits, _ = self.logits(params, batch)
@@ -436,6 +583,37 @@ class ClassifyTask(TextTask):
         treedef = jax.tree.structure(params)
         return jax.tree.unflatten(treedef, [jnp.asarray(pretrained.get(state_lib.path_name(p), leaf))
                                             for p, leaf in leaves])
+
+
+def _add_unlabelled(index: int, example: dict, *, task: ClassifyTask, pool: list[str]) -> dict:
+    """PET's unlabelled text for the example at `index` of the stream: drawn from `pool` by (seed, index)."""
+    text = pool[int(np.random.default_rng([task.seed, index]).integers(len(pool)))]
+    encoded = task.encode(text, text_span=True)
+    return {**example, "unlabelled_tokens": encoded["tokens"], "unlabelled_text_mask": encoded["text_mask"]}
+
+
+class _Subset:
+    def __init__(self, source, size: int):
+        self._source, self._len = source, min(size, len(source))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int):
+        return self._source[index]
+
+
+class _WithFeatures:
+    """`source`'s examples with their cached LST backbone outputs (`features`)."""
+
+    def __init__(self, source, features: np.ndarray):
+        self._source, self._features = source, features
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {**self._source[index], "features": self._features[index]}
 
 
 class _Examples:

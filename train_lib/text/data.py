@@ -165,9 +165,13 @@ def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def pipelines(train_source, eval_source, *, batch_size: int, eval_batches: int, seed: int, rows: tuple[int, int],
-              what: str):
+              what: str, extra=None):
     """(train iterator dataset: shuffled with `seed`, reshuffled every epoch, forever; the first `eval_batches`
-    global batches of the eval source, in order)."""
+    global batches of the eval source, in order).
+
+    `extra(index, example) -> example`, if given, adds fields to every example from its global index (the
+    position in the endless shuffled stream, so each epoch differs, and a resumed run sees the same), for
+    both pipelines (the eval batches must carry the train batches' keys)."""
     if len(train_source) < batch_size:
         raise ConfigError(f"config: {what} gives {len(train_source)} training examples, fewer than one batch of "
                           f"{batch_size}; use more data or a smaller batch_size")
@@ -179,8 +183,11 @@ def pipelines(train_source, eval_source, *, batch_size: int, eval_batches: int, 
         log.warning("only %d validation batches available; evaluating on those, not eval_batches=%d", num_eval,
                     eval_batches)
     train = grain.MapDataset.source(train_source).shuffle(seed=seed).repeat(None)
+    eval_examples = grain.MapDataset.source(eval_source)
+    if extra is not None:
+        train, eval_examples = train.map_with_index(extra), eval_examples.map_with_index(extra)
     train = batched(train, global_batch=batch_size, rows=rows, num_batches=sys.maxsize // batch_size, collate=_stack)
     train = train.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-    evaluation = batched(grain.MapDataset.source(eval_source), global_batch=batch_size, rows=rows,
+    evaluation = batched(eval_examples, global_batch=batch_size, rows=rows,
                          num_batches=num_eval, collate=_stack)
     return train, evaluation

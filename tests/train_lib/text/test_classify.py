@@ -266,3 +266,113 @@ def test_causal_ptuning_reads_the_label_word_as_the_next_token():
     changed = dict(batch, tokens=jnp.where(jnp.arange(tokens.shape[1])[None] >= jnp.asarray(at)[:, None], 7,
                                            batch["tokens"]))
     np.testing.assert_allclose(np.asarray(task.logits(params, changed)[0]), np.asarray(class_logits), rtol=1e-6)
+
+
+def test_pet_unlabelled_mlm_masks_only_the_text_and_adds_its_loss():
+    config = quick("quick,pet_mlm", **{"classify.mlm_weight": 0.5})
+    task = registry.make_task(config)
+    tok = task.tokenizer
+    batch = batches(task)[0]
+    labelled = {r["text"] for r in task.train_records()}
+    # The unlabelled texts are the train split's others, in the same template.
+    for row in np.asarray(batch["unlabelled_tokens"]):
+        length = int(np.sum(row != tok.pad_id))
+        assert row[0] == tok.cls_id and row[1] == tok.mask_id and row[length - 1] == tok.sep_id
+    text_mask = np.asarray(batch["unlabelled_text_mask"]) > 0
+    pool = {tuple(task.encode(t)["tokens"]) for t in labelled}
+    assert not any(tuple(row) in pool for row in np.asarray(batch["unlabelled_tokens"]))
+    # Masking: text tokens only, at the rate, 80/10/10, every masked token predicted (over many draws).
+    tokens = jnp.tile(batch["unlabelled_tokens"], (64, 1))
+    tm = jnp.tile(batch["unlabelled_text_mask"], (64, 1))
+    inputs, positions, valid = jax.device_get(task.mask_unlabelled(tokens, tm, jax.random.PRNGKey(3)))
+    tokens, tm = np.asarray(tokens), np.asarray(tm) > 0
+    changed = inputs != tokens
+    assert not np.any(changed & ~tm)
+    predicted = np.zeros_like(tm)
+    np.put_along_axis(predicted, positions, valid, axis=1)
+    assert np.all(predicted <= tm) and np.all(changed <= predicted)
+    rate = predicted.sum() / tm.sum()
+    assert abs(rate - 0.15) < 0.02, rate
+    as_mask = (inputs == tok.mask_id) & predicted
+    assert abs(as_mask.sum() / predicted.sum() - 0.8) < 0.04
+    # The loss: PET's own plus the weight × the MLM cross-entropy of the masked tokens (NumPy, full logits).
+    params = state_lib.unbox(task.init_params(jax.random.PRNGKey(0), batch))
+    rng = jax.random.PRNGKey(1)
+    total, metrics = task.loss(params, batch, rng, train=False)
+    plain = registry.make_task(quick("quick,pet"))
+    pet_loss, _ = plain.loss(params, {k: v for k, v in batch.items() if not k.startswith("unlabelled")}, rng,
+                             train=False)
+    mask_rng = jax.random.split(jax.random.split(rng, 3)[2])[0]
+    inputs, positions, valid = jax.device_get(task.mask_unlabelled(batch["unlabelled_tokens"],
+                                                                   batch["unlabelled_text_mask"], mask_rng))
+    logits = np.asarray(task.model.logits(params["encoder"], jnp.asarray(inputs),
+                                          padding_mask=batch["unlabelled_tokens"] != tok.pad_id), np.float64)
+    nll = []
+    for r, c in zip(*np.nonzero(valid)):
+        z = logits[r, positions[r, c]]
+        nll.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[np.asarray(batch["unlabelled_tokens"])[
+            r, positions[r, c]]])
+    np.testing.assert_allclose(float(metrics["unlabelled_mlm_loss"]), np.mean(nll), rtol=1e-5)
+    np.testing.assert_allclose(float(total), float(pet_loss) + 0.5 * np.mean(nll), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def pretrained_mlm(tmp_path_factory):
+    """A char_mlm.py:quick workdir (4 steps): the backbone LST's cached features come from."""
+    from experiments import char_mlm
+    from tests.train_lib.text.test_task import quick as quick_text
+
+    workdir = tmp_path_factory.mktemp("char_mlm")
+    trainer.train_and_evaluate(quick_text(char_mlm), str(workdir))
+    return str(workdir)
+
+
+def test_lst_cached_features_give_the_uncached_loss_and_gradients(pretrained_mlm):
+    cached = registry.make_task(quick("quick,lst_cached", init_from=pretrained_mlm))
+    plain = registry.make_task(quick("quick,lst", init_from=pretrained_mlm))
+    batch = batches(cached)[0]
+    assert batch["features"].shape == (8, 1 + cached.model.config.num_layers, cached.seq_len,
+                                       cached.model.config.hidden_size)
+    params = cached.initial_params()
+    without = {k: v for k, v in batch.items() if k != "features"}
+    rng = jax.random.PRNGKey(2)
+    (loss, _), grads = jax.value_and_grad(lambda p: cached.loss(p, batch, rng, train=True), has_aux=True)(params)
+    (ref, _), ref_grads = jax.value_and_grad(lambda p: plain.loss(p, without, rng, train=True), has_aux=True)(params)
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-6)
+    for name, g in flat(ref_grads["side"]).items():
+        np.testing.assert_allclose(flat(grads["side"])[name], g, rtol=1e-5, atol=1e-7, err_msg=name)
+    # The features are the pretrained backbone's, so the uncached model on the trained params agrees too.
+    np.testing.assert_allclose(np.asarray(cached.logits(params, batch)[0]), np.asarray(plain.logits(params, without)[0]),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_lst_cached_trains_on_8_devices(pretrained_mlm, tmp_path):
+    config = quick("quick,lst_cached", init_from=pretrained_mlm, **{"mesh.data": 4, "mesh.fsdp": 2, "mesh.model": 1})
+    result = trainer.train_and_evaluate(config, str(tmp_path))
+    assert result["step"] == 4 and np.isfinite(result["eval"]["loss"])
+    from train_lib import checkpointing
+
+    run = checkpointing.restore_params(tmp_path, use_ema=False)  # the test split without a cache: the backbone runs
+    assert 0 <= run.task.split_metrics(run.params, "test")["accuracy"] <= 1
+
+
+@pytest.mark.parametrize("arg, overrides, message", [
+    ("quick,lst_cached", {}, r"'classify.lst_cache_features' caches the pretrained backbone's outputs; set init_from"),
+    ("quick", {"classify.lst_cache_features": True}, r"'classify.lst_cache_features' .* needs classify.method 'lst', "
+                                                      r"not 'finetune'"),
+    ("quick", {"classify.mlm_weight": 1.0}, r"'classify.mlm_weight' .* needs classify.method 'pet' without causal"),
+    ("quick,pet_mlm", {"classify.mlm_rate": 1.5}, r"'classify.mlm_rate' in \(0, 1\), got 1.0, 1.5"),
+])
+def test_bad_cache_and_mlm_settings_are_one_line(arg, overrides, message):
+    config = config_lib.apply_overrides(sentiment.get_config(arg), {**OVERRIDES, **overrides})
+    with pytest.raises(ConfigError, match=message) as info:
+        trainer.setup(config, num_devices=8, num_processes=1)
+    assert "\n" not in str(info.value)
+
+
+def test_lst_cache_with_a_trainable_backbone_is_refused(pretrained_mlm):
+    config = config_lib.apply_overrides(sentiment.get_config("quick,lst_cached"), {
+        **OVERRIDES, "init_from": pretrained_mlm, "optimizer.trainable": ("side/.*", "encoder/layer_1/.*")})
+    with pytest.raises(ConfigError, match=r"needs a frozen backbone, but optimizer.trainable selects encoder "
+                                          r"parameters \(e.g. encoder/layer_1/"):
+        trainer.setup(config, num_devices=8, num_processes=1)
