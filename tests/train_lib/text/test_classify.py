@@ -176,8 +176,9 @@ def test_few_shot_and_long_tailed_samples():
                                                       counts["positive"] / sum(counts.values())])
 
 
-@pytest.mark.parametrize("preset", ["", "rdrop", "pet", "ptuning_mlp", "adapters", "lst_added",
-                                    "logit_adjusted,imbalanced"])
+# LST on 8 devices: test_lst_cached_trains_on_8_devices; the rest of the methods with `make test-slow`.
+@pytest.mark.parametrize("preset", ["", "pet", "ptuning_mlp", "adapters"] + [
+    pytest.param(p, marks=pytest.mark.slow) for p in ("rdrop", "lst_added", "logit_adjusted,imbalanced")])
 def test_every_method_trains_on_8_devices(preset, tmp_path):
     mesh = {"mesh.data": 4, "mesh.fsdp": 2, "mesh.model": 1} if "lst" in preset else \
         {"mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2}

@@ -119,7 +119,8 @@ def test_loss_is_the_text_tokens_cross_entropy(preset):
         assert abs(float(task.loss(params, flipped, jax.random.PRNGKey(1), train=False)[0]) - float(loss)) > 1e-4
 
 
-@pytest.mark.parametrize("preset", ["cln", "prefix", "cln,gau_alpha"])
+@pytest.mark.parametrize("preset", ["cln"] + [pytest.param(p, marks=pytest.mark.slow)
+                                             for p in ("prefix", "cln,gau_alpha")])
 def test_trains_on_8_devices_and_samples_with_the_cache(preset, tmp_path):
     config = quick(f"quick,{preset}", **{"mesh.data": 2, "mesh.fsdp": 2, "mesh.model": 2})
     result = trainer.train_and_evaluate(config, str(tmp_path))
