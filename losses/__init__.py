@@ -7,6 +7,8 @@ returned in the input dtype. Nothing here depends on ``train_lib`` or ``models``
 KEXUE_JAX_PACKAGE = "losses"  # train_lib checks this marker: another distribution's `losses` would lack it
 
 from losses.classification import (
+    exact_loss,
+    exact_sigma_schedule,
     logit_adjusted_cross_entropy,
     rdrop_loss,
     smooth_accuracy_loss,
@@ -27,6 +29,8 @@ from losses.regularizers import with_gradient_penalty
 
 __all__ = [
     "contrastive_grad_cache",
+    "exact_loss",
+    "exact_sigma_schedule",
     "flatnce",
     "gaussian_bhattacharyya_distance",
     "gaussian_kl_divergence",

@@ -125,3 +125,18 @@ def gaussian_w2_squared(mp, cp, mq, cq):
     root_p = scipy.linalg.sqrtm(cp).real
     cross = scipy.linalg.sqrtm(root_p @ cq @ root_p).real
     return np.sum((mp - mq) ** 2) + np.trace(cp + cq - 2 * cross)
+
+
+def exact_accuracy(logits, labels, sigma, margin=0.0):
+    """EXACT's expected accuracy P[argmax(μ + σε) = y] (margin r on the rivals), float64: the integral over the
+    target's noise t = ε_y of φ(t) Π_{j≠y} Φ((μ_y − μ_j − r)/σ + t), by scipy's adaptive quadrature."""
+    from scipy import integrate, special
+
+    logits = np.asarray(logits, np.float64)
+    out = np.empty(logits.shape[:-1])
+    for index in np.ndindex(*logits.shape[:-1]):
+        mu, y = logits[index], int(labels[index])
+        gaps = np.delete((mu[y] - mu - margin) / sigma, y)
+        f = lambda t: np.exp(-0.5 * t * t) / np.sqrt(2 * np.pi) * np.prod(special.ndtr(gaps + t))
+        out[index] = integrate.quad(f, -np.inf, np.inf, epsabs=1e-14, epsrel=1e-12, limit=200)[0]
+    return out

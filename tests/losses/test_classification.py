@@ -1,11 +1,12 @@
-"""R-Drop, softmax focal, logit-adjusted CE and smooth accuracy against float64 NumPy."""
+"""R-Drop, softmax focal, logit-adjusted CE, smooth accuracy and EXACT against float64 NumPy."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from losses import logit_adjusted_cross_entropy, rdrop_loss, smooth_accuracy_loss, softmax_focal_loss
+from losses import (exact_loss, exact_sigma_schedule, logit_adjusted_cross_entropy, rdrop_loss, smooth_accuracy_loss,
+                    softmax_focal_loss)
 from tests.losses import numpy_reference as ref
 
 SHAPE = (4, 3, 6)
@@ -130,3 +131,58 @@ def test_masked_classes_leave_the_softmax_and_masked_targets_give_zero():
 def test_bad_inputs_raise_value_error_naming_the_argument(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("sigma, margin", [(1.0, 0.0), (0.3, 0.0), (2.0, 0.5)])
+def test_exact_matches_the_quadrature_reference(sigma, margin):
+    z, _, y = _inputs(3)
+    with jax.enable_x64(True):
+        got = exact_loss(z, y, sigma=sigma, margin=margin)
+    np.testing.assert_allclose(got, -ref.exact_accuracy(z, y, sigma, margin), rtol=1e-9, atol=1e-13)
+
+
+def test_exact_is_the_probability_that_the_perturbed_argmax_is_the_label():
+    """Monte Carlo of the definition itself, independent of the conditioning on ε_y."""
+    rng = np.random.default_rng(4)
+    z, y, sigma = rng.normal(size=(5, 4)), np.array([0, 1, 2, 3, 1]), 0.8
+    noisy = z[:, None, :] + sigma * rng.standard_normal((5, 400_000, 4))
+    frequency = (noisy.argmax(-1) == y[:, None]).mean(1)
+    np.testing.assert_allclose(-np.asarray(exact_loss(jnp.float32(z), y, sigma=sigma)), frequency,
+                               atol=4 * np.sqrt(0.25 / 400_000))
+
+
+def test_exact_two_classes_is_the_normal_cdf_and_tends_to_the_accuracy():
+    from scipy import special
+
+    z = np.array([[0.0, 0.3], [0.0, -0.2], [1.0, 0.0]])
+    y = np.array([1, 1, 0])
+    with jax.enable_x64(True):
+        got = exact_loss(z, y, sigma=0.7, margin=0.1)
+        sharp = exact_loss(z, y, sigma=1e-4)
+    gap = np.take_along_axis(z, y[:, None], 1)[:, 0] - np.take_along_axis(z, 1 - y[:, None], 1)[:, 0]
+    np.testing.assert_allclose(got, -special.ndtr((gap - 0.1) / (0.7 * np.sqrt(2))), rtol=1e-12)
+    np.testing.assert_allclose(sharp, -(gap > 0).astype(float), atol=1e-12)
+
+
+def test_exact_masked_rivals_never_win_and_masked_targets_give_zero():
+    z = jnp.array([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])
+    where = jnp.array([[True, False, True], [True, False, True]])
+    masked = exact_loss(z, jnp.array([2, 1]), sigma=1.0, where=where)
+    np.testing.assert_allclose(masked[0], exact_loss(z[:, [0, 2]], jnp.array([1, 1]), sigma=1.0)[0], rtol=1e-6)
+    assert masked[1] == 0.0
+    grad = jax.grad(lambda v: exact_loss(v, jnp.array([2, 1]), sigma=1.0, where=where).sum())(z)
+    assert np.all(np.isfinite(grad)) and np.all(grad[1] == 0.0)
+
+
+def test_exact_sigma_schedule_is_geometric_then_constant():
+    schedule = exact_sigma_schedule(10.0, 0.1, 100)
+    np.testing.assert_allclose([schedule(0), schedule(50), schedule(100), schedule(500)], [10.0, 1.0, 0.1, 0.1],
+                               rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sigma": 0.0}, "`sigma` must be positive"), ({"sigma": 1.0, "margin": -0.1}, "`margin` must be non-negative"),
+    ({"sigma": 1.0, "num_nodes": 1}, "`num_nodes` must be an integer >= 2")])
+def test_exact_bad_arguments_name_themselves(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        exact_loss(jnp.zeros((2, 3)), jnp.array([0, 1]), **kwargs)
