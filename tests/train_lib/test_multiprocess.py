@@ -88,7 +88,7 @@ FINISHING = {
 }
 
 
-@pytest.mark.parametrize("family", sorted(FINISHING))
+@pytest.mark.parametrize("family", ["lm", pytest.param("diffusion", marks=pytest.mark.slow)])  # sampling: slow
 def test_a_two_process_run_that_finishes_exits_promptly(tmp_path, family):
     experiment, overrides, report = FINISHING[family]
     port = portpicker.pick_unused_port()
