@@ -139,6 +139,7 @@ def test_compile_only_reports_compile_time_and_memory_and_scan_with_remat_saves_
     assert "compile (not run)" in table and "model.scan_layers=True" in table
 
 
+@pytest.mark.slow  # the step-time CLI itself is in test_benchmark_cli_reports_step_time_flops_and_mfu
 def test_benchmark_cli_times_the_diffusion_sampler_too(monkeypatch):
     monkeypatch.setenv("KEXUE_XLA_DEFAULTS", "1")  # XLA accepts the diffusion task's CPU flags
     result = run_cli(["--config=experiments/ddpm_digits.py:tiny", "--steps=1", "--warmup=0", "--sample_steps=2",

@@ -14,7 +14,7 @@ from train_lib import checkpointing, config_lib, trainer
 FIXTURES = {"lm": gau_lm, "diffusion": ddpm_digits}
 
 
-@pytest.mark.parametrize("family", sorted(FIXTURES))
+@pytest.mark.parametrize("family", ["lm", pytest.param("diffusion", marks=pytest.mark.slow)])
 def test_an_old_workdir_resumes_to_the_losses_the_old_code_logged(tmp_path, family):
     workdir = tmp_path / "run"
     shutil.copytree(REPO / "tests" / "fixtures" / f"{family}_workdir_2b2d81e", workdir)
