@@ -95,14 +95,20 @@ def kernel_prediction(apply, params, x_train, y_train, x_test, learning_rate: fl
 
     n = x_train.shape[0]
     flat0, unravel = ravel_pytree(params)
-    output_grads = jax.vmap(lambda p, x: ravel_pytree(jax.grad(apply)(p, x))[0], in_axes=(None, 0))
+    def value_and_flat_grad(p, x):
+        value, grad = jax.value_and_grad(apply)(p, x)
+        return value, ravel_pytree(grad)[0]
+
+    values_and_grads = jax.vmap(value_and_flat_grad, in_axes=(None, 0))
+    output_grads = lambda p, x: values_and_grads(p, x)[1]  # noqa: E731
     outputs = jax.vmap(apply, in_axes=(None, 0))
 
     def step(carry, _):
         flat, predicted = carry
         p = unravel(flat)
-        g_train, g_test = output_grads(p, x_train), output_grads(p, x_test)  # [n, P], [m, P]
-        residual = loss_derivative(outputs(p, x_train), y_train)  # ℓ′_i
+        f_train, g_train = values_and_grads(p, x_train)  # [n], [n, P]: one forward pass per training point
+        g_test = output_grads(p, x_test)  # [m, P]
+        residual = loss_derivative(f_train, y_train)  # ℓ′_i
         predicted = predicted - learning_rate / n * (g_test @ (g_train.T @ residual))
         flat = flat - learning_rate / n * (g_train.T @ residual)
         return (flat, predicted), None

@@ -92,17 +92,16 @@ def train(config, name: str):
         def step(carry, key):
             p, state = carry
             x, y = sequences(key, config.batch_size, config.length)
-            value, g = jax.value_and_grad(loss)(p, x, y)
+            g = jax.grad(loss)(p, x, y)
             updates, state = optimizer.update(g, state, p)
-            return (optax.apply_updates(p, updates), state), value
+            return (optax.apply_updates(p, updates), state), None
 
         keys = jax.random.split(jax.random.fold_in(k_data, 1), config.steps)
-        (p, _), losses = jax.lax.scan(step, (params, optimizer.init(params)), keys)
-        return p, losses
+        return jax.lax.scan(step, (params, optimizer.init(params)), keys)[0][0]
 
-    trained, losses = fit(params)
+    trained = fit(params)
     x_test, y_test = sequences(jax.random.key(10_000 + config.seed), config.test_sequences, config.length)
-    return cell, params, trained, float(loss(trained, x_test, y_test)), float(losses[-100:].mean())
+    return cell, params, trained, float(loss(trained, x_test, y_test))
 
 
 def mean_norms(cell, rnn_params, probes) -> np.ndarray:
@@ -126,12 +125,12 @@ def run(config: ml_collections.ConfigDict) -> str:
              f"| cell | weights | test MSE | {header} |", "|---|---|---|" + "---|" * len(distances)]
     curves = {}
     for name in config.cells:
-        cell, initial, trained, mse, _ = train(config, name)
-        for label, p, acc in (("init", initial, None), ("trained", trained, mse)):
+        cell, initial, trained, mse = train(config, name)
+        for label, p, test_mse in (("init", initial, None), ("trained", trained, mse)):
             norms = mean_norms(cell, p["rnn"], probes)
             curves[f"{name} ({label})"] = norms
             cells = " | ".join(f"{norms[d - 1]:.2e}" for d in distances)
-            lines.append(f"| {name} | {label} | {'—' if acc is None else f'{acc:.4f}'} | {cells} |")
+            lines.append(f"| {name} | {label} | {'—' if test_mse is None else f'{test_mse:.4f}'} | {cells} |")
     lines += ["", f"Total {time.time() - start:.0f} s."]
     if config.plot:
         _plot(config.plot, curves)

@@ -6,6 +6,7 @@ target class is masked out, which includes a fully masked row, has loss 0 and ze
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -306,22 +307,26 @@ def exact_loss(logits: Any, labels: Any, *, sigma: Any, margin: Any = 0.0, where
     if isinstance(num_nodes, bool) or not isinstance(num_nodes, int) or num_nodes < 2:
         raise ValueError(f"`num_nodes` must be an integer >= 2 (Gauss–Hermite nodes), got {num_nodes!r}.")
     _check_label_values(labels, logits)
-    if _numerics.is_concrete(sigma):
-        values = np.asarray(sigma, dtype=np.float64)
-        if values.size and not np.all(np.isfinite(values) & (values > 0)):
-            raise ValueError(f"`sigma` must be positive and finite, got values in [{values.min()}, {values.max()}].")
-    if _numerics.is_concrete(margin):
-        values = np.asarray(margin, dtype=np.float64)
-        if values.size and not np.all(np.isfinite(values) & (values >= 0)):
-            raise ValueError(f"`margin` must be non-negative and finite, got values in [{values.min()}, "
-                             f"{values.max()}].")
-    x, w = np.polynomial.hermite.hermgauss(num_nodes)  # ∫ e^{-x²} f(x) dx ≈ Σ w f(x); t = √2 x
-    return _exact(logits, labels, sigma, margin, where, np.sqrt(2.0) * x, np.log(w) - 0.5 * np.log(np.pi))
+    for value, name, zero_allowed in ((sigma, "sigma", False), (margin, "margin", True)):
+        if _numerics.is_concrete(value):  # eager calls only, like the label check
+            values = np.asarray(value, dtype=np.float64)
+            if values.size and not np.all(np.isfinite(values) & ((values >= 0) if zero_allowed else (values > 0))):
+                raise ValueError(f"`{name}` must be {'non-negative' if zero_allowed else 'positive'} and finite, got "
+                                 f"values in [{values.min()}, {values.max()}].")
+    return _exact(logits, labels, sigma, margin, where, num_nodes)
 
 
-@jax.jit
-def _exact(logits: Array, labels: Array, sigma: Any, margin: Any, where: Array | None, nodes: np.ndarray,
-           log_weights: np.ndarray) -> Array:
+@functools.lru_cache(maxsize=None)
+def _hermite_nodes(num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(nodes t = √2 x, log weights − ½ log π) of Gauss–Hermite quadrature, so that E_{t~N(0,1)} f(t) ≈ Σ e^{lw} f(t)
+    (∫ e^{−x²} f(x) dx ≈ Σ w f(x)); computed once per node count."""
+    x, w = np.polynomial.hermite.hermgauss(num_nodes)
+    return np.sqrt(2.0) * x, np.log(w) - 0.5 * np.log(np.pi)
+
+
+@functools.partial(jax.jit, static_argnames="num_nodes")
+def _exact(logits: Array, labels: Array, sigma: Any, margin: Any, where: Array | None, num_nodes: int) -> Array:
+    nodes, log_weights = _hermite_nodes(num_nodes)  # constants of the trace
     logits, s, labels, mask = _prepare(logits, labels, where)
     valid = _numerics.take_class(mask, labels)
     sigma = jnp.asarray(sigma, s.dtype)[..., None]

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 
 class _Affine(nn.Module):
@@ -109,29 +110,19 @@ class Recurrent(nn.Module):
         return scan(self.cell, state, inputs)
 
 
-def _flatten_state(state) -> jnp.ndarray:
-    return jnp.concatenate([s.reshape(-1) for s in jax.tree.leaves(state)])
-
-
 def state_jacobian_norms(cell: nn.Module, params, inputs: jnp.ndarray, state=None) -> np.ndarray:
     """Spectral norms ‖∂s_T/∂s_t‖₂ for t = T−1, …, 0 (entry k: T − t = k + 1) along one sequence `inputs [T, d_in]`,
     s the whole state ((c, h) concatenated for the LSTM), from the per-step Jacobians ∂s_k/∂s_{k−1} (forward-mode)
     multiplied from the end: P_{T} = I, P_{t} = P_{t+1} J_{t+1}."""
-    state = cell.initial_state() if state is None else state
-    leaves, treedef = jax.tree.flatten(state)
-    sizes = [leaf.size for leaf in leaves]
-
-    def unflatten(flat):
-        parts = jnp.split(flat, np.cumsum(sizes)[:-1])
-        return jax.tree.unflatten(treedef, [p.reshape(leaf.shape) for p, leaf in zip(parts, leaves)])
+    flat0, unravel = ravel_pytree(cell.initial_state() if state is None else state)
 
     def step(flat, x):
-        return _flatten_state(cell.apply({"params": params}, unflatten(flat), x)[0])
+        return ravel_pytree(cell.apply({"params": params}, unravel(flat), x)[0])[0]
 
     def forward(flat, x):
         return step(flat, x), (flat, x)
 
-    _, (before, xs) = jax.lax.scan(forward, _flatten_state(state), inputs)  # the state entering each step
+    _, (before, xs) = jax.lax.scan(forward, flat0, inputs)  # the state entering each step
     jacobians = jax.vmap(jax.jacfwd(step))(before, xs)  # [T, S, S]: J_k = ∂s_k/∂s_{k−1}
 
     def backward(product, jacobian):
