@@ -111,7 +111,7 @@ def train_toy(config, name: str) -> dict:
 
 
 def digits_data():
-    from train_lib.diffusion.data import load_digits
+    from train_lib.image_data import load_digits
 
     data = load_digits()
     return (data.train_images.reshape(len(data.train_images), -1), data.train_labels,

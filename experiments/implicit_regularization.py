@@ -54,7 +54,7 @@ def problem(config):
     """(θ₀ as a flat float64 vector, L(θ)) for the MLP on the digits."""
     from jax.flatten_util import ravel_pytree
 
-    from train_lib.diffusion.data import load_digits
+    from train_lib.image_data import load_digits
 
     data = load_digits()
     x = jnp.asarray(data.train_images[:config.examples].reshape(config.examples, -1), jnp.float64)

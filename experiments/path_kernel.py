@@ -52,7 +52,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def digits_pair(config, classes=(3, 8)):
-    from train_lib.diffusion.data import load_digits
+    from train_lib.image_data import load_digits
 
     data = load_digits()
     rows = []

@@ -26,6 +26,7 @@ from losses.multilabel import (
 )
 from losses.perturb_max import perturb_max_probabilities
 from losses.regularizers import with_gradient_penalty
+from losses.self_supervised import negative_cosine_similarity, simsiam_loss
 
 __all__ = [
     "contrastive_grad_cache",
@@ -37,8 +38,10 @@ __all__ = [
     "gaussian_wasserstein_distance_squared",
     "logit_adjusted_cross_entropy",
     "multilabel_categorical_crossentropy",
+    "negative_cosine_similarity",
     "perturb_max_probabilities",
     "rdrop_loss",
+    "simsiam_loss",
     "smooth_accuracy_loss",
     "softmax_focal_loss",
     "sparse_multilabel_categorical_crossentropy",

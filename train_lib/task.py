@@ -17,6 +17,7 @@ The contract, in the order the trainer uses it:
   task.datasets(rows)                    # grain pipelines of this process's rows of each global batch
   task.pretrained_params()               # a fresh run (no checkpoint): arrays to start from, by name
   task.value_and_grad(params, batch, rng)  # ((loss, aux), grads): jax.value_and_grad of task.loss
+  task.post_update(before, after, step)  # the parameters after the optimizer step (default: `after`)
   task.eval_sums(params, batch)          # summed over the eval batches, then task.summarize_eval
   task.final_report(host_params)         # if task.has_final_report: process 0, host-local parameters
 
@@ -69,6 +70,11 @@ class Task(Protocol):
 
     def value_and_grad(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[tuple[jax.Array, Metrics], Any]:
         """((loss, aux), gradient w.r.t. params) of the training loss on one (micro)batch."""
+
+    def post_update(self, before: Any, after: Any, step: jax.Array) -> Any:
+        """The parameters the step keeps, from those `before` and `after` the optimizer update: a change that
+        is not a gradient step, e.g. BYOL's EMA target network, τ·target + (1 − τ)·online (inside the jitted
+        step, on every process; a non-finite step still keeps `before`)."""
 
     def eval_sums(self, params: Any, batch: Batch) -> Metrics:
         """{name: scalar} sums over one eval batch, including 'count'; summed over the eval batches."""
@@ -130,6 +136,10 @@ class TaskBase:
     def value_and_grad(self, params, batch, rng):
         grad_fn = jax.value_and_grad(functools.partial(self.loss, train=True), has_aux=True)
         return grad_fn(params, batch, rng)
+
+    def post_update(self, before, after, step):
+        del before, step
+        return after
 
     def summarize_eval(self, sums: dict[str, float]) -> dict[str, float]:
         """Means per counted example: every sum divided by sums['count']."""

@@ -83,7 +83,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task, optimize
 
     grad_norm = optax.global_norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = task.post_update(state.params, optax.apply_updates(state.params, updates), state.step)
     ema_params = state.ema_params
     if ema_params is not None:
         ema_params = optim.update_ema(ema_params, params, state.step, settings.ema_decay)

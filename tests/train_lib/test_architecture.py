@@ -11,7 +11,7 @@ from tests.train_lib.conftest import REPO
 from train_lib import registry, task as task_lib
 
 PACKAGES = ("models", "losses", "train_lib", "experiments")
-FAMILIES = ("train_lib.lm", "train_lib.diffusion", "train_lib.text")
+FAMILIES = ("train_lib.lm", "train_lib.diffusion", "train_lib.selfsup", "train_lib.text")
 # Commands of earlier versions kept as one-line aliases of a family's CLI (nothing imports them).
 CLI_ALIASES = ("train_lib.generate", "train_lib.evaluate", "train_lib.sample")
 
@@ -86,6 +86,7 @@ def test_families_import_no_other_family_and_losses_stand_alone(graph):
     ("train_lib.trainer", ("train_lib.lm", "train_lib.diffusion", "models")),
     ("train_lib.lm.task", ("train_lib.diffusion", "models.unet", "models.diffusion")),
     ("train_lib.diffusion.task", ("train_lib.lm", "models.gau", "models.flash")),
+    ("train_lib.selfsup.task", ("train_lib.lm", "train_lib.diffusion", "train_lib.text", "models.unet", "models.gau")),
 ])
 def test_importing_one_part_loads_nothing_of_the_others(entry, forbidden):
     code = (f"import sys, jax, {entry}; from jax._src import xla_bridge; "
@@ -108,7 +109,7 @@ def test_registered_tasks_implement_the_protocol():
 
 
 def test_registry_errors_name_the_choices():
-    with pytest.raises(registry.ConfigError, match=r"'task' is 'lmm'; expected one of \['classify', 'conditional_lm', 'diffusion', 'lm', 'mlm', 'seq2seq', 'text_mlm'\]"):
+    with pytest.raises(registry.ConfigError, match=r"'task' is 'lmm'; expected one of \['classify', 'conditional_lm', 'diffusion', 'lm', 'mlm', 'seq2seq', 'siamese', 'text_mlm'\]"):
         registry.task_class("lmm")
     with pytest.raises(registry.ConfigError, match="no module 'no_such_family.task'"):
         registry.task_class("no_such_family.task:Task")

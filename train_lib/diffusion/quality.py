@@ -26,7 +26,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from train_lib.diffusion import data as image_data
+from train_lib import image_data
 
 
 @dataclasses.dataclass(frozen=True)

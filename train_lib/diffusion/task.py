@@ -4,7 +4,7 @@ Implements `train_lib.task.Task` with the library in `models/diffusion`:
 
 - batches are {"images": `[B, H, W, C]` float32 in [−1, 1] on the data's grey-level grid, "labels": `[B]`
   int32}; `data.dataset` 'digits' is scikit-learn's 8×8 digits (17 levels), 'cifar10' CIFAR-10's Python
-  pickle batches in the directory `data.path` (256 levels), both read by `train_lib.diffusion.data`;
+  pickle batches in the directory `data.path` (256 levels), both read by `train_lib.image_data`;
 - the loss is `models.diffusion.training.diffusion_loss` (ε-, x₀- or v-prediction, "simple" or "elbo"
   weighting, t uniform over the full schedule), with optional random horizontal flips and, for a
   class-conditional U-Net (`model.num_classes > 0`), optional label dropout to the "no class" token;
@@ -35,7 +35,7 @@ from models import unet as unet_lib
 from models.diffusion import likelihood, prediction, samplers, schedules, training
 from train_lib import config_lib, flops
 from train_lib.config_lib import ConfigError
-from train_lib.diffusion import data as image_data
+from train_lib import image_data
 from train_lib.input_pipeline import batched
 from train_lib.task import TaskBase
 

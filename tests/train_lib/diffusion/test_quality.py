@@ -4,7 +4,7 @@ import pytest
 import scipy.linalg
 from PIL import Image
 
-from train_lib.diffusion import data as image_data
+from train_lib import image_data
 from train_lib.diffusion import quality as sample_quality
 
 

@@ -23,7 +23,7 @@ from tests.models import diffusion_oracles as oracles
 from tests.train_lib.conftest import REPO, read_metrics
 from train_lib import config_lib, registry, sharding, trainer
 from train_lib.config_lib import ConfigError
-from train_lib.diffusion import data as image_data
+from train_lib import image_data
 from train_lib.diffusion import sample
 from train_lib.diffusion import task as diffusion_task
 

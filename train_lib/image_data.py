@@ -1,4 +1,4 @@
-"""Image datasets for diffusion as NumPy arrays: scikit-learn digits and CIFAR-10 from local pickles.
+"""Image datasets as NumPy arrays, for any image family: scikit-learn digits and CIFAR-10 from local pickles.
 
 Images are `[N, H, W, C]` float32 in [−1, 1] on the grid −1 + 2k/(levels − 1), k = 0..levels−1, so the
 discretised-Gaussian decoder of `models.diffusion.likelihood` can use `levels`; labels are `[N]` int32.

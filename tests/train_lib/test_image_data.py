@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits as sklearn_digits
 
-from train_lib.diffusion import data as image_data
+from train_lib import image_data
 
 
 def test_digits_split_is_stratified_deterministic_and_on_the_grid():
