@@ -11,7 +11,7 @@ Run:
 
 The default is SimSiam: an MLP encoder 64 → 256 → 256 (the representation h the probe reads), projector
 Dense–BN–ReLU–Dense to d = 64, bottleneck predictor 64 → 16 → 64, stop-gradient on the targets, SGD with
-momentum 0.9, learning rate 0.1 with a cosine decay to 0, weight decay 1e-4 (the paper's recipe at batch 256),
+momentum 0.9, learning rate 0.1 with a cosine decay to 0, weight decay 1e-4 (SimSiam's recipe has 0.05 × B/256; not tuned here),
 2,000 steps of batch 256 (~350 epochs of the 1,437 training images). Views: shifts of up to 1 pixel, erasing
 of up to 4×4 pixels with probability 0.5, noise of std 0.1.
 

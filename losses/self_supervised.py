@@ -19,7 +19,7 @@ def negative_cosine_similarity(predictions: Any, targets: Any, *, epsilon: float
     r"""SimSiam's :math:`D(p, z) = -\frac{p}{\lVert p\rVert_2}\cdot\frac{z}{\lVert z\rVert_2}`, per example.
 
     BYOL's loss :math:`\lVert \bar p - \bar z\rVert_2^2 = 2 + 2D(p, z)` is the same up to an affine map. The norms
-    are clamped below by ``epsilon`` (a zero vector has similarity 0 with everything).
+    are clamped below by ``epsilon``: a zero vector has similarity 0 with everything, and a finite gradient.
 
     Source: Chen & He, "Exploring Simple Siamese Representation Learning", arXiv 2011.10566, Eq. 1; Grill et
     al., "Bootstrap Your Own Latent", arXiv 2006.07733, Eq. 2; post 7980, https://kexue.fm/archives/7980.
@@ -34,9 +34,10 @@ def negative_cosine_similarity(predictions: Any, targets: Any, *, epsilon: float
     z, _ = _float32(targets)
     if p.shape != z.shape or p.ndim < 1:
         raise ValueError(f"`predictions` {p.shape} and `targets` {z.shape} must have the same shape [..., d].")
-    p_norm = jnp.maximum(jnp.linalg.norm(p, axis=-1), epsilon)
-    z_norm = jnp.maximum(jnp.linalg.norm(z, axis=-1), epsilon)
-    return (-jnp.sum(p * z, axis=-1) / (p_norm * z_norm)).astype(dtype)
+    # rsqrt of the clamped squared norm: finite value and gradient at a zero vector (the norm's gradient is not).
+    inverse = (jax.lax.rsqrt(jnp.maximum(jnp.sum(p * p, axis=-1), epsilon**2))
+               * jax.lax.rsqrt(jnp.maximum(jnp.sum(z * z, axis=-1), epsilon**2)))
+    return (-jnp.sum(p * z, axis=-1) * inverse).astype(dtype)
 
 
 def simsiam_loss(p1: Any, p2: Any, z1: Any, z2: Any, *, stop_gradient: bool = True) -> Array:

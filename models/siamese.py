@@ -18,8 +18,8 @@ Collapse diagnostics (computed on `[N, d]` outputs):
 - `normalized_std`: the std over examples of the ℓ2-normalised outputs, averaged over dimensions. It is 0 for
   collapsed outputs and ≈ 1/√d for outputs spread isotropically (SimSiam §4.1, Fig. 2 middle).
 - `effective_rank`: exp of the entropy of the normalised singular values of the (uncentred) outputs (Roy &
-  Vetterli, EUSIPCO 2007; RankMe, Garrido et al., arXiv 2210.02885): 1 for outputs collapsed to a point or a
-  line, d for d equal singular values; low values between are dimensional collapse.
+  Vetterli, EUSIPCO 2007; RankMe, Garrido et al., arXiv 2210.02885): 1 for outputs collapsed to a point (or to
+  a line through the origin), d for d equal singular values; low values between are dimensional collapse.
 """
 from __future__ import annotations
 
@@ -54,6 +54,8 @@ class SiameseConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"'model.{name}' must be a positive integer, got {value!r}")
+        if not isinstance(self.projector_output_norm, bool):
+            raise ValueError(f"'model.projector_output_norm' must be True or False, got {self.projector_output_norm!r}")
 
 
 def _dense(features: int, axes: tuple[str, str], name: str) -> nn.Dense:
@@ -142,7 +144,8 @@ class SiameseNetwork(nn.Module):
 
 
 def l2_normalize(x: jax.Array, epsilon: float = 1e-12) -> jax.Array:
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), epsilon)
+    """x / max(‖x‖, ε) along the last axis, with a finite gradient at x = 0."""
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), epsilon**2))
 
 
 def closed_form_predictor(inputs: Any, targets: Any, *, ridge: float) -> jax.Array:

@@ -1,5 +1,5 @@
-"""experiments/siamese_collapse.py end to end at its quick size: every cell trains through the trainer, is
-probed and lands in the table with the baselines."""
+"""experiments/siamese_collapse.py end to end at its quick size: a cell trains through the trainer, is probed
+and lands in the table with the baselines."""
 import json
 
 from experiments import siamese_collapse

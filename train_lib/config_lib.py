@@ -46,6 +46,25 @@ def read_dataclass(cls, node, prefix: str):
     return cls(**dataclass_values(cls, node))
 
 
+_ANNOTATED_TYPES = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+
+
+def read_typed_dataclass(cls, node, prefix: str):
+    """`read_dataclass`, then every field annotated bool, int, float or str checked to be one (a bool is never
+    taken for a number, an int is a float) and every float finite: one line naming `prefix.field` otherwise."""
+    value = read_dataclass(cls, node, prefix)
+    for f in dataclasses.fields(cls):
+        types = _ANNOTATED_TYPES.get(f.type if isinstance(f.type, str) else getattr(f.type, "__name__", ""))
+        if types is None:
+            continue
+        v = getattr(value, f.name)
+        if ((isinstance(v, bool) and bool not in types) or not isinstance(v, types)
+                or (isinstance(v, float) and not math.isfinite(v))):
+            raise ConfigError(f"config: '{prefix}.{f.name}' must be {'a finite ' if f.type == 'float' else ''}"
+                              f"{f.type}, got {v!r} ({type(v).__name__})")
+    return value
+
+
 def typed(config, key: str, types: type | tuple[type, ...]) -> Any:
     """`config[key]` (dotted), checked to be of `types` (a bool is never taken for an int or a float)."""
     value = lookup(config, key)

@@ -2,15 +2,19 @@
 
 Images are `[N, H, W, C]` float32 in [−1, 1] on the grid −1 + 2k/(levels − 1), k = 0..levels−1, so the
 discretised-Gaussian decoder of `models.diffusion.likelihood` can use `levels`; labels are `[N]` int32.
-The input pipeline (grain) is built on top of these arrays by the trainer.
+`pipelines` builds the grain input pipelines of an image family from them: examples carry their index in the
+split, so a family can draw per-example randomness from it.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import pickle
+import sys
 
 import numpy as np
+
+from train_lib.config_lib import ConfigError
 
 DIGITS_TEST_SIZE = 0.2  # 1797 images -> 1437 train / 360 test
 DIGITS_SEED = 0
@@ -116,3 +120,47 @@ def load_image_dataset(name: str, directory: str | None = None) -> ImageDataset:
     if name == "cifar10" and not directory:
         raise ValueError("The cifar10 dataset needs a directory with the Python pickle batches.")
     return DATASETS[name](directory)
+
+
+class ImageExamples:
+    """Random-access source of {"images": `[H, W, C]`, "labels": scalar, "index": the example's index} for grain."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self._images, self._labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {"images": self._images[index], "labels": self._labels[index], "index": np.int32(index)}
+
+
+def stack_examples(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {"images": np.stack([e["images"] for e in examples]).astype(np.float32),
+            "labels": np.asarray([e["labels"] for e in examples], np.int32),
+            "index": np.asarray([e["index"] for e in examples], np.int32)}
+
+
+def pipelines(data: ImageDataset, *, batch_size: int, eval_batches: int, seed: int, rows: tuple[int, int]):
+    """(train, eval batches, number of eval batches) of {"images", "labels", "index"} for the rows `rows` of
+    every global batch: train shuffled with `seed`, reshuffled every epoch and repeated (a checkpointable grain
+    iterator); eval the test split in order, at most `eval_batches` full batches. A batch larger than either
+    split is a ConfigError naming `batch_size`."""
+    import grain
+
+    from train_lib.input_pipeline import batched
+
+    if len(data.train_images) < batch_size:
+        raise ConfigError(f"config: 'batch_size' {batch_size} exceeds the {len(data.train_images)} training images "
+                          f"of {data.name}")
+    num_eval = min(eval_batches, len(data.test_images) // batch_size)
+    if num_eval == 0:
+        raise ConfigError(f"config: 'batch_size' {batch_size} exceeds the {len(data.test_images)} test images of "
+                          f"{data.name}; evaluation needs at least one full batch")
+    train = grain.MapDataset.source(ImageExamples(data.train_images, data.train_labels))
+    train = batched(train.shuffle(seed=seed).repeat(None), global_batch=batch_size, rows=rows,
+                    num_batches=sys.maxsize // batch_size, collate=stack_examples)
+    train = train.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
+    evaluation = batched(grain.MapDataset.source(ImageExamples(data.test_images, data.test_labels)),
+                         global_batch=batch_size, rows=rows, num_batches=num_eval, collate=stack_examples)
+    return train, evaluation, num_eval

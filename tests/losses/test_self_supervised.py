@@ -23,6 +23,8 @@ def test_negative_cosine_matches_float64_and_byols_squared_distance():
     np.testing.assert_allclose(byol, 2 + 2 * np.asarray(d, np.float64), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(losses.negative_cosine_similarity(p, 3.0 * p), -1.0, rtol=1e-6)
     assert float(losses.negative_cosine_similarity(np.zeros(3), np.ones(3))) == 0.0  # a zero vector: finite
+    grad = jax.grad(lambda x: losses.negative_cosine_similarity(x, jnp.ones(3)))(jnp.zeros(3))
+    assert bool(jnp.all(jnp.isfinite(grad)))  # and so is its gradient (the norm's is NaN at 0)
     assert losses.negative_cosine_similarity(p.astype(jnp.bfloat16), z).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="same shape"):
         losses.negative_cosine_similarity(p, z[..., :3])

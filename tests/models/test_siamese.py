@@ -48,6 +48,8 @@ def test_normalized_std_is_zero_when_collapsed_and_one_over_sqrt_d_when_isotropi
     assert float(siamese.normalized_std(spread)) == pytest.approx(1 / np.sqrt(d), rel=0.02)
     collapsed = np.tile(rng.normal(size=(1, d)), (100, 1)) * rng.uniform(0.5, 2.0, size=(100, 1))
     assert float(siamese.normalized_std(collapsed)) < 1e-6  # one direction: the norms do not matter
+    grad = jax.grad(lambda x: jnp.sum(siamese.l2_normalize(x)))(jnp.zeros((2, 3)))
+    assert bool(jnp.all(jnp.isfinite(grad)))  # a zero output gives a finite gradient, not NaN
 
 
 def test_effective_rank_matches_the_float64_entropy_of_singular_values():

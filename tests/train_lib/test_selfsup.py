@@ -4,6 +4,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -77,6 +78,26 @@ def test_shift_and_erase_only_move_pixels_or_fill_the_background():
 def test_config_errors_name_the_key(key, value, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         selfsup_task.SiameseTask(make_config(**{key: value}))
+
+
+@pytest.mark.parametrize("node,key,value,message", [
+    ("probe", "knn_k", 10.0, "'probe.knn_k' must be int, got 10.0"),
+    ("probe", "final_report", "False", "'probe.final_report' must be bool"),
+    ("siamese", "stop_gradient", 1, "'siamese.stop_gradient' must be bool"),
+    ("siamese", "target_decay", "0.5", "'siamese.target_decay' must be a finite float"),
+    ("siamese", "closed_form_ridge", float("nan"), "'siamese.closed_form_ridge' must be a finite float"),
+    ("augment", "noise_std", float("inf"), "'augment.noise_std' must be a finite float"),
+    ("augment", "max_shift", 1.0, "'augment.max_shift' must be int"),
+    ("model", "projector_output_norm", "no", "'model.projector_output_norm' must be True or False"),
+])
+def test_mistyped_values_of_a_config_file_are_refused_in_one_line(node, key, value, message):
+    """A config file (not a command-line override, which ml_collections type-checks) may hold any type."""
+    config = simsiam_digits.get_config("quick")
+    values = config[node].to_dict()
+    values[key] = value
+    config[node] = ml_collections.ConfigDict(values)
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        selfsup_task.SiameseTask(config)
 
 
 def test_an_ema_target_with_the_gradient_flowing_into_it_is_refused():
@@ -162,3 +183,8 @@ def test_knn_matches_scikit_learn_and_the_probe_separates_separable_classes():
         else:
             assert abs(ours - reference.score(test_x, test_y)) <= 0.03  # ties (3 of 7 vs 3) may break otherwise
     assert probe.linear_probe_accuracy(train_x, train_y, test_x, test_y) > 0.9
+    # A 1–1 tie of k = 2 goes to the class whose neighbour is more similar, whatever the class order.
+    train = np.array([[1.0, 0.0], [0.8, 0.6]])
+    assert probe.knn_accuracy(train, np.array([0, 1]), np.array([[0.9, 0.45]]), np.array([1]), k=2) == 1.0
+    assert probe.knn_accuracy(train, np.array([1, 0]), np.array([[0.9, 0.45]]), np.array([0]), k=2) == 1.0
+    assert probe.knn_accuracy(train, np.array([0, 1]), np.array([[1.0, 0.05]]), np.array([0]), k=2) == 1.0

@@ -3,8 +3,9 @@
 Implements `train_lib.task.Task` with the library in `models/diffusion`:
 
 - batches are {"images": `[B, H, W, C]` float32 in [−1, 1] on the data's grey-level grid, "labels": `[B]`
-  int32}; `data.dataset` 'digits' is scikit-learn's 8×8 digits (17 levels), 'cifar10' CIFAR-10's Python
-  pickle batches in the directory `data.path` (256 levels), both read by `train_lib.image_data`;
+  int32, "index": `[B]` the example's index in its split (unused here)}; `data.dataset` 'digits' is
+  scikit-learn's 8×8 digits (17 levels), 'cifar10' CIFAR-10's Python pickle batches in the directory
+  `data.path` (256 levels), both read by `train_lib.image_data`;
 - the loss is `models.diffusion.training.diffusion_loss` (ε-, x₀- or v-prediction, "simple" or "elbo"
   weighting, t uniform over the full schedule), with optional random horizontal flips and, for a
   class-conditional U-Net (`model.num_classes > 0`), optional label dropout to the "no class" token;
@@ -22,21 +23,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import sys
 from typing import Any
 
 import flax.linen as nn
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from models import unet as unet_lib
 from models.diffusion import likelihood, prediction, samplers, schedules, training
-from train_lib import config_lib, flops
+from train_lib import config_lib, flops, image_data
 from train_lib.config_lib import ConfigError
-from train_lib import image_data
-from train_lib.input_pipeline import batched
 from train_lib.task import TaskBase
 
 # Image shapes and grey levels of the datasets, known before any file is read (the trainer needs shapes first).
@@ -144,24 +141,6 @@ def denoise(model: nn.Module, params, x, t, labels=None):
     return model.apply({"params": params}, x, t, labels=labels, train=False)
 
 
-class ImageExamples:
-    """Random-access source of {"images": `[H, W, C]`, "labels": scalar} examples for grain."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self._images, self._labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"images": self._images[index], "labels": self._labels[index]}
-
-
-def stack_examples(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {"images": np.stack([e["images"] for e in examples]).astype(np.float32),
-            "labels": np.asarray([e["labels"] for e in examples], np.int32)}
-
-
 def fingerprint(data: image_data.ImageDataset) -> str:
     digest = hashlib.sha256()
     for array in (data.train_images, data.train_labels, data.test_images, data.test_labels):
@@ -216,7 +195,8 @@ class DiffusionTask(TaskBase):
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
         return {"images": jax.ShapeDtypeStruct((batch_size,) + self.image_shape, jnp.float32),
-                "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+                "labels": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+                "index": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
     def forward_flops(self, batch_size: int) -> float:
         """FLOPs of one U-Net evaluation on `batch_size` images (one sampling step). The training step's
@@ -283,20 +263,8 @@ class DiffusionTask(TaskBase):
     def datasets(self, rows: tuple[int, int]):
         """(train: shuffled with `seed`, reshuffled every epoch, repeated; eval: the test split in order)."""
         data, batch = self.data, self.batch_size
-        if len(data.train_images) < batch:
-            raise ConfigError(f"config: 'batch_size' {batch} exceeds the {len(data.train_images)} training images "
-                              f"of {data.name}")
-        num_eval = min(self.eval_batches, len(data.test_images) // batch)
-        if num_eval == 0:
-            raise ConfigError(f"config: 'batch_size' {batch} exceeds the {len(data.test_images)} test images of "
-                              f"{data.name}; evaluation needs at least one full batch")
-        train = grain.MapDataset.source(ImageExamples(data.train_images, data.train_labels))
-        train = train.shuffle(seed=self.seed).repeat(None)
-        train = batched(train, global_batch=batch, rows=rows, num_batches=sys.maxsize // batch,
-                                 collate=stack_examples)
-        train = train.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-        evaluation = batched(grain.MapDataset.source(ImageExamples(data.test_images, data.test_labels)),
-                                      global_batch=batch, rows=rows, num_batches=num_eval, collate=stack_examples)
+        train, evaluation, num_eval = image_data.pipelines(data, batch_size=batch, eval_batches=self.eval_batches,
+                                                           seed=self.seed, rows=rows)
         description = (f"{data.name}: {len(data.train_images)} train, {len(data.test_images)} test images "
                        f"{'×'.join(map(str, data.image_shape))}, {data.levels} levels; evaluating on "
                        f"{num_eval * batch} test images")

@@ -27,20 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import losses
 from models import siamese
-from train_lib import config_lib
+from train_lib import config_lib, image_data
 from train_lib.config_lib import ConfigError
-from train_lib import image_data
-from train_lib.input_pipeline import batched
 from train_lib.selfsup import augment as augment_lib
 from train_lib.task import TaskBase
 
@@ -64,25 +60,6 @@ class ProbeSettings:
     final_report: bool  # probe and k-NN at the end of training
 
 
-class IndexedImages:
-    """Random-access source of {"images", "labels", "index"} examples for grain."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self._images, self._labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"images": self._images[index], "labels": self._labels[index], "index": np.int32(index)}
-
-
-def stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {"images": np.stack([e["images"] for e in examples]).astype(np.float32),
-            "labels": np.asarray([e["labels"] for e in examples], np.int32),
-            "index": np.asarray([e["index"] for e in examples], np.int32)}
-
-
 class SiameseTask(TaskBase):
     """SimSiam / BYOL (`models.siamese.SiameseNetwork`) with the symmetric negative-cosine loss."""
 
@@ -101,14 +78,14 @@ class SiameseTask(TaskBase):
             self.model_config = siamese.SiameseConfig(**config_lib.dataclass_values(siamese.SiameseConfig,
                                                                                    config.model))
             self.model_config.validate()
-            self.augment = config_lib.read_dataclass(augment_lib.AugmentSettings, config.augment, "augment")
+            self.augment = config_lib.read_typed_dataclass(augment_lib.AugmentSettings, config.augment, "augment")
             self.augment.validate(self.image_shape)
+        except ConfigError:
+            raise
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config: {e}") from None
-        self.settings = s = config_lib.read_dataclass(SiameseSettings, config.siamese, "siamese")
-        self.probe = config_lib.read_dataclass(ProbeSettings, config.probe, "probe")
-        if not isinstance(s.stop_gradient, bool):
-            raise ConfigError(f"config: 'siamese.stop_gradient' must be True or False, got {s.stop_gradient!r}")
+        self.settings = s = config_lib.read_typed_dataclass(SiameseSettings, config.siamese, "siamese")
+        self.probe = config_lib.read_typed_dataclass(ProbeSettings, config.probe, "probe")
         if not 0.0 <= s.target_decay < 1.0:
             raise ConfigError(f"config: 'siamese.target_decay' must be in [0, 1) (0: no EMA target, SimSiam), "
                               f"got {s.target_decay}")
@@ -121,7 +98,7 @@ class SiameseTask(TaskBase):
             raise ConfigError(f"config: 'probe.knn_k' must be a positive integer, got {self.probe.knn_k}")
         self.model = siamese.SiameseNetwork(self.model_config)
         self.has_target = s.target_decay > 0
-        self.has_final_report = bool(self.probe.final_report)
+        self.has_final_report = self.probe.final_report
 
     @functools.cached_property
     def data(self) -> image_data.ImageDataset:
@@ -191,19 +168,8 @@ class SiameseTask(TaskBase):
     def datasets(self, rows: tuple[int, int]):
         """(train: shuffled with `seed`, reshuffled every epoch, repeated; eval: the test split in order)."""
         data, batch = self.data, self.batch_size
-        if len(data.train_images) < batch:
-            raise ConfigError(f"config: 'batch_size' {batch} exceeds the {len(data.train_images)} training images "
-                              f"of {data.name}")
-        num_eval = min(self.eval_batches, len(data.test_images) // batch)
-        if num_eval == 0:
-            raise ConfigError(f"config: 'batch_size' {batch} exceeds the {len(data.test_images)} test images of "
-                              f"{data.name}; evaluation needs at least one full batch")
-        train = grain.MapDataset.source(IndexedImages(data.train_images, data.train_labels))
-        train = batched(train.shuffle(seed=self.seed).repeat(None), global_batch=batch, rows=rows,
-                        num_batches=sys.maxsize // batch, collate=stack)
-        train = train.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
-        evaluation = batched(grain.MapDataset.source(IndexedImages(data.test_images, data.test_labels)),
-                             global_batch=batch, rows=rows, num_batches=num_eval, collate=stack)
+        train, evaluation, num_eval = image_data.pipelines(data, batch_size=batch, eval_batches=self.eval_batches,
+                                                           seed=self.seed, rows=rows)
         d = self.model_config.projection_dim
         description = (f"{data.name}: {len(data.train_images)} train, {len(data.test_images)} test images, two views "
                        f"each; evaluating on {num_eval * batch} test images")

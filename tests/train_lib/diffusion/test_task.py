@@ -103,8 +103,9 @@ def test_train_rows_assemble_the_global_batch_and_eval_is_the_test_split_in_orde
     seen = []
     for _ in range(360):  # two epochs of 1437 images in batches of 8, and a bit
         batch, low, high = next(full_iter), next(low_iter), next(high_iter)
-        for key in ("images", "labels"):
+        for key in ("images", "labels", "index"):
             np.testing.assert_array_equal(np.concatenate([low[key], high[key]]), batch[key])
+        np.testing.assert_array_equal(batch["images"], data.train_images[batch["index"]])  # the index is the row
         assert batch["images"].shape == (8, 8, 8, 1) and batch["labels"].dtype == np.int32
         seen.append(batch)
     # The first epoch is a permutation of the training split: every image exactly once.
@@ -113,6 +114,7 @@ def test_train_rows_assemble_the_global_batch_and_eval_is_the_test_split_in_orde
     np.testing.assert_array_equal(first[order], data.train_images.reshape(1437, -1)[np.lexsort(
         data.train_images.reshape(1437, -1).T)])
     assert not np.array_equal(first, data.train_images.reshape(1437, -1))  # shuffled
+    np.testing.assert_array_equal(np.sort(np.concatenate([b["index"] for b in seen])[:1437]), np.arange(1437))
     evaluation = [full_eval[j] for j in range(len(full_eval))]
     assert len(evaluation) == 2 and info["test_images"] == 360
     np.testing.assert_array_equal(np.concatenate([b["images"] for b in evaluation]), data.test_images[:16])
