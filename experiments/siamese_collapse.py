@@ -22,13 +22,13 @@ Run (each cell trains into WORKDIR/<cell>/; finished cells are reused, so an int
 
 Writes WORKDIR/results.json and results.md (the table).
 
-Result (2-core CPU shared with a test run, 2026-12-03, 23 min; the table is in README "SimSiam and BYOL"): without
+Result (2-core CPU, 2026-12-03, 17 min; the table is in README "SimSiam and BYOL"): without
 the stop-gradient or the predictor every run without BN on z collapsed completely (std·√d 0.01–0.09, z of rank
 2–6, loss −0.999 to −1.000, its global minimum), with SGD and with Adam, with BYOL's EMA target or without it; SimSiam and BYOL with the learnt predictor
 stayed spread (0.82–0.89) at losses of −0.76 to −0.87. The closed-form predictor did not collapse: it gave the
-most spread outputs (0.98, rank 54). With BN on z and no stop-gradient the std stayed at 0.36 while the rank fell
-to 5.6 (dimensional collapse). The linear probe on h read 95.0–97.8% everywhere (raw pixels 96.7%); 10-NN on z
-separated collapsed (82–87%) from healthy (90–97%) runs.
+most spread outputs (0.99, rank 54). With BN on z and no stop-gradient the std stayed at 0.36 while the rank fell
+to 5.6 (dimensional collapse). The linear probe on h read 95.0–98.3% everywhere (raw pixels 96.7%); 10-NN on z
+separated collapsed (81–87%) from healthy (90–97%) runs.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ DIMENSIONAL_BELOW = 1 / 8  # effective rank of z over d: dimensional collapse (t
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """None (the 2-core CPU study, ~25 minutes) or 'quick' (three cells of a few steps)."""
+    """None (the 2-core CPU study, ~17 minutes) or 'quick' (three cells of a few steps)."""
     config = ml_collections.ConfigDict()
     config.workdir = "runs/siamese_collapse"
     config.variant = "digits"  # of experiments/simsiam_digits.py
