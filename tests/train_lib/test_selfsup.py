@@ -17,8 +17,7 @@ from train_lib.selfsup import probe
 from train_lib.selfsup import task as selfsup_task
 
 TEST_OVERRIDES = {"total_steps": 6, "batch_size": 32, "log_every_steps": 1, "eval_every_steps": 3,
-                  "checkpoint_every_steps": 3, "probe.final_report": False, "model.hidden": 32,
-                  "model.projector_hidden": 32, "model.projection_dim": 16, "model.predictor_hidden": 8}
+                  "checkpoint_every_steps": 3, "probe.final_report": False}
 
 
 def make_config(presets="", **overrides):
@@ -133,7 +132,7 @@ def test_byol_step_moves_the_target_by_its_ema_and_trains_only_the_online_networ
     assert {"output_std", "output_rank", "representation_rank"} <= set(metrics)
 
 
-@pytest.mark.parametrize("presets", ["", "byol,closed_form_predictor"])
+@pytest.mark.parametrize("presets", [pytest.param("", marks=pytest.mark.slow), "byol,closed_form_predictor"])
 def test_sharded_mesh_matches_single_device(tmp_path, presets):
     """(data, fsdp, model) = (2, 2, 2) over 8 devices trains like 1 device; the batch norm's statistics and the
     closed-form predictor are over the global batch."""
