@@ -36,6 +36,7 @@ import json
 import pathlib
 import time
 
+import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -43,23 +44,24 @@ import numpy as np
 from experiments import simsiam_digits
 from train_lib import config_lib
 
-# cell → (presets of experiments/simsiam_digits.py, stop-gradient, predictor, τ, optimiser) — the last four for
-# the table.
+# cell → the presets of experiments/simsiam_digits.py that make it (the table's columns are read from its config).
 CELLS = {
-    "simsiam": ("", "yes", "MLP", 0.0, "SGD"),
-    "simsiam_adam": ("adam", "yes", "MLP", 0.0, "Adam"),
-    "no_stop_gradient": ("no_stop_gradient", "no", "MLP", 0.0, "SGD"),
-    "no_stop_gradient_adam": ("no_stop_gradient,adam", "no", "MLP", 0.0, "Adam"),
-    "no_predictor": ("no_predictor", "yes", "none", 0.0, "SGD"),
-    "no_predictor_adam": ("no_predictor,adam", "yes", "none", 0.0, "Adam"),
-    "simsiam_closed_form": ("closed_form_predictor", "yes", "closed form", 0.0, "SGD"),
-    "byol": ("byol", "yes", "MLP", 0.99, "SGD"),
-    "byol_adam": ("byol,adam", "yes", "MLP", 0.99, "Adam"),
-    "byol_no_predictor": ("byol,no_predictor", "yes", "none", 0.99, "SGD"),
-    "byol_no_predictor_adam": ("byol,no_predictor,adam", "yes", "none", 0.99, "Adam"),
-    "byol_closed_form": ("byol,closed_form_predictor", "yes", "closed form", 0.99, "SGD"),
-    "no_stop_gradient_output_norm": ("no_stop_gradient,output_norm", "no", "MLP, BN on z", 0.0, "SGD"),
+    "simsiam": "",
+    "simsiam_adam": "adam",
+    "no_stop_gradient": "no_stop_gradient",
+    "no_stop_gradient_adam": "no_stop_gradient,adam",
+    "no_predictor": "no_predictor",
+    "no_predictor_adam": "no_predictor,adam",
+    "simsiam_closed_form": "closed_form_predictor",
+    "byol": "byol",
+    "byol_adam": "byol,adam",
+    "byol_no_predictor": "byol,no_predictor",
+    "byol_no_predictor_adam": "byol,no_predictor,adam",
+    "byol_closed_form": "byol,closed_form_predictor",
+    "no_stop_gradient_output_norm": "no_stop_gradient,output_norm",
 }
+_PREDICTORS = {"mlp": "MLP", "none": "none", "closed_form": "closed form"}
+_OPTIMISERS = {"sgd": "SGD", "adamw": "Adam"}
 COLLAPSED_BELOW = 0.25  # std·√d of the normalised outputs: complete collapse
 DIMENSIONAL_BELOW = 1 / 8  # effective rank of z over d: dimensional collapse (the outputs span a few directions)
 
@@ -79,9 +81,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def run_config(config, cell: str) -> ml_collections.ConfigDict:
-    presets = CELLS[cell][0]
+    presets = CELLS[cell]
     run_cfg = simsiam_digits.get_config(config.variant + (f",{presets}" if presets else ""))
     return config_lib.apply_overrides(run_cfg, {"seed": config.seed, "probe.final_report": False, "mesh.data": -1})
+
+
+def columns(config, cell: str) -> tuple[str, str, float, str]:
+    """(stop-gradient, predictor, EMA τ, optimiser) of a cell, as the table shows them."""
+    run_cfg = run_config(config, cell)
+    predictor = _PREDICTORS[run_cfg.model.predictor] + (", BN on z" if run_cfg.model.projector_output_norm else "")
+    return ("yes" if run_cfg.siamese.stop_gradient else "no", predictor, run_cfg.siamese.target_decay,
+            _OPTIMISERS[run_cfg.optimizer.name])
 
 
 def baselines(config) -> dict[str, dict]:
@@ -97,12 +107,9 @@ def baselines(config) -> dict[str, dict]:
                                                                    flat(data.test_images), data.test_labels),
               "knn_accuracy": probe.knn_accuracy(flat(data.train_images), data.train_labels, flat(data.test_images),
                                                  data.test_labels, k=k)}
-    params = jax.tree.map(np.asarray, task.init_params(jax.random.PRNGKey(config.seed),
-                                                       {k: np.zeros(v.shape, v.dtype)
-                                                        for k, v in task.batch_spec(2).items()}))
-    import flax.linen as nn
-
-    return {"raw pixels": pixels, "untrained network": probe.evaluate(task, nn.unbox(params))}
+    spec = {name: np.zeros(v.shape, v.dtype) for name, v in task.batch_spec(2).items()}
+    params = nn.unbox(task.init_params(jax.random.PRNGKey(config.seed), spec))
+    return {"raw pixels": pixels, "untrained network": probe.evaluate(task, params)}
 
 
 def table(config, results: dict) -> str:
@@ -122,7 +129,7 @@ def table(config, results: dict) -> str:
         r = results["cells"].get(cell)
         if r is None:
             continue
-        _, stop, predictor, tau, optimiser = CELLS[cell]
+        stop, predictor, tau, optimiser = columns(config, cell)
         ratio = r["output_std"] / r["output_std_healthy"]
         d = round(1 / r["output_std_healthy"] ** 2)
         collapsed = "yes" if ratio < COLLAPSED_BELOW else "dimensional" if r["output_rank"] < DIMENSIONAL_BELOW * d else "no"
@@ -135,9 +142,9 @@ def table(config, results: dict) -> str:
 
 def final_train_loss(workdir: pathlib.Path) -> float:
     """The last logged training loss of a run (metrics.jsonl)."""
-    losses = [row["loss"] for row in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
-              if row.get("split") == "train" and "loss" in row]
-    return float(losses[-1])
+    from train_lib import metrics
+
+    return float([r["loss"] for r in metrics.read_metrics(workdir) if r.get("split") == "train" and "loss" in r][-1])
 
 
 def run(config: ml_collections.ConfigDict) -> str:

@@ -74,14 +74,12 @@ class SiameseTask(TaskBase):
         if self.dataset not in IMAGE_SHAPES:
             raise ConfigError(f"config: 'data.dataset' is {self.dataset!r}; expected one of {sorted(IMAGE_SHAPES)}")
         self.image_shape = IMAGE_SHAPES[self.dataset]
+        self.augment = config_lib.read_typed_dataclass(augment_lib.AugmentSettings, config.augment, "augment")
         try:
             self.model_config = siamese.SiameseConfig(**config_lib.dataclass_values(siamese.SiameseConfig,
                                                                                    config.model))
             self.model_config.validate()
-            self.augment = config_lib.read_typed_dataclass(augment_lib.AugmentSettings, config.augment, "augment")
             self.augment.validate(self.image_shape)
-        except ConfigError:
-            raise
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config: {e}") from None
         self.settings = s = config_lib.read_typed_dataclass(SiameseSettings, config.siamese, "siamese")
@@ -124,10 +122,6 @@ class SiameseTask(TaskBase):
         tau = self.settings.target_decay
         target = jax.tree.map(lambda t, o: tau * t + (1.0 - tau) * o, before["target"], after["online"])
         return {**after, "target": target}
-
-    def encode(self, params, images: jax.Array) -> jax.Array:
-        """The representation h of `images` by the online encoder."""
-        return self.model.apply({"params": params["online"]}, images, method=siamese.SiameseNetwork.encode)
 
     def _forward(self, params, batch, key):
         """(loss per example, metrics) of the two views drawn from `key`."""
