@@ -35,13 +35,14 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 # Hyperparameters of each optimizer of train_lib.optim, besides the shared schedule, weight decay and
-# clipping; the `:adamw`, `:adafactor`, `:sgd` and `:lion` presets of every experiment switch to them.
+# clipping; the `:adamw`, `:adafactor`, `:sgd`, `:lion` and `:adamax` presets of every experiment switch to them.
 OPTIMIZER_DEFAULTS: dict[str, dict[str, Any]] = {
     "adamw": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
     "adafactor": {"decay_rate": 0.8, "eps": 1e-30, "min_dim_size_to_factor": 128,
                   "multiply_by_parameter_scale": False},
     "sgd": {"momentum": 0.9, "nesterov": False},
     "lion": {"b1": 0.9, "b2": 0.99},
+    "adamax": {"b1": 0.9, "b2": 0.999, "eps": 1e-8},
 }
 
 

@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from train_lib import library_quirks
+from train_lib import state as state_lib
 from train_lib.config_lib import ConfigError
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,11 @@ _DAMAGE_EVIDENCE = re.compile(r"\b(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECO
 _OK, _DAMAGED, _MISMATCH, _ERROR = 0, 1, 2, 3  # a restore's outcome; with several processes the worst wins
 
 
+def _saved(state: Any) -> Any:
+    """What a checkpoint holds for `state`: a train state as its dict (`train_lib.state.to_checkpoint`)."""
+    return state_lib.to_checkpoint(state) if isinstance(state, state_lib.TrainState) else state
+
+
 def _one_line(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {' '.join(str(error).split())[:limit]}"
 
@@ -135,7 +141,7 @@ class Checkpointer:
 
         The arrays are copied to host memory before this returns, so the caller may donate `state`.
         """
-        items = {"state": ocp.args.StandardSave(state)}
+        items = {"state": ocp.args.StandardSave(_saved(state))}
         if data_iterator is not None:
             items["data"] = ocp.args.JsonSave(data_iterator.get_state())
         try:
@@ -144,10 +150,13 @@ class Checkpointer:
             raise self._write_error(e) from e
 
     def _restore_items(self, step: int, abstract_state: Any, with_data: bool) -> dict[str, Any]:
-        items = {"state": ocp.args.StandardRestore(abstract_state)}
+        items = {"state": ocp.args.StandardRestore(_saved(abstract_state))}
         if with_data:
             items["data"] = ocp.args.JsonRestore()
-        return dict(self._reader.restore(step, args=ocp.args.Composite(**items)))
+        restored = dict(self._reader.restore(step, args=ocp.args.Composite(**items)))
+        if isinstance(abstract_state, state_lib.TrainState):
+            restored["state"] = state_lib.from_checkpoint(restored["state"])
+        return restored
 
     def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         """The state at `step`, laid out as `abstract_state`'s shardings; moves `data_iterator` in place."""
@@ -255,7 +264,7 @@ class Checkpointer:
             saved = _shapes(self._reader.item_metadata(step)["state"])
         except Exception:
             return None
-        wanted = _shapes(abstract_state)
+        wanted = _shapes(_saved(abstract_state))
         description = describe_mismatch(saved, wanted) if saved else None
         if description is None:
             return None
@@ -266,6 +275,8 @@ class Checkpointer:
             cause = "another model (model.*: e.g. num_layers, embed_dim, scan_layers)"
         elif fields == {"ema_params"}:
             cause = "another ema_decay (0 keeps no EMA copy)"
+        elif fields == {"model_state"}:
+            cause = "another model (its non-gradient variables, e.g. batch-norm statistics, differ)"
         elif "opt_state" in fields:
             cause = "other optimizer settings (optimizer.*, grad_clip_norm)"
         else:
@@ -355,6 +366,7 @@ class RestoredParams:
     step: int
     ema: bool  # whether `params` are the EMA parameters
     config: ml_collections.ConfigDict
+    model_state: Any = None  # the non-gradient variables (`Task.init_model_state`), None for a task without them
 
 
 def restore_params(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh: jax.sharding.Mesh | None = None,
@@ -372,7 +384,6 @@ def restore_params(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh: j
       checkpoint yet, or checkpoints that do not fit the config.
     """
     from train_lib import config_lib, optim, registry, sharding
-    from train_lib import state as state_lib
 
     workdir = pathlib.Path(workdir)
     config = load_run_config(workdir)
@@ -415,4 +426,4 @@ def restore_params(workdir: str | pathlib.Path, *, use_ema: bool = True, mesh: j
         checkpointer.close()
     state = result["state"]
     ema = use_ema and state.ema_params is not None
-    return RestoredParams(task, state.ema_params if ema else state.params, step, ema, config)
+    return RestoredParams(task, state.ema_params if ema else state.params, step, ema, config, state.model_state)

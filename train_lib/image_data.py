@@ -8,6 +8,7 @@ split, so a family can draw per-example randomness from it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pickle
 import sys
@@ -164,3 +165,25 @@ def pipelines(data: ImageDataset, *, batch_size: int, eval_batches: int, seed: i
     evaluation = batched(grain.MapDataset.source(ImageExamples(data.test_images, data.test_labels)),
                          global_batch=batch_size, rows=rows, num_batches=num_eval, collate=stack_examples)
     return train, evaluation, num_eval
+
+
+def fingerprint(data: ImageDataset) -> str:
+    """12 hex digits of a SHA-256 over the dataset's arrays (logged at the start of a run)."""
+    digest = hashlib.sha256()
+    for array in (data.train_images, data.train_labels, data.test_images, data.test_labels):
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()[:12]
+
+
+ASCII_RAMP = " .:-=+*#%@"
+
+
+def ascii_digits(images: np.ndarray, levels: int, *, per_line: int = 5) -> str:
+    """Greyscale images `[N, H, W, 1]` in [−1, 1] as text, `per_line` side by side, two characters per pixel."""
+    grey = unit_range_to_levels(images[..., 0], levels) * (len(ASCII_RAMP) - 1) // (levels - 1)
+    blocks = []
+    for start in range(0, len(grey), per_line):
+        group = grey[start:start + per_line]
+        blocks.append("\n".join("  ".join("".join(2 * ASCII_RAMP[v] for v in image[row]) for image in group)
+                                for row in range(grey.shape[1])))
+    return "\n\n".join(blocks)

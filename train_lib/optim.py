@@ -9,6 +9,7 @@ decay on matrices only (`weight_decay_mask`). Each reads its own hyperparameters
              arXiv 1804.04235): factored second moments, a row and a column vector per large matrix
   sgd        momentum, nesterov
   lion       b1, b2 (Chen et al., arXiv 2302.06675)
+  adamax     b1, b2, eps (Kingma & Ba, arXiv 1412.6980 §7.1: Adam with the infinity norm; NVAE trains with it)
 
 Freezing: `optimizer.trainable`, a tuple of regular expressions over parameter names ('encoder/layer_3/mlp/
 output/kernel'; `re.fullmatch`), trains only the parameters one matches (empty: all). The rest get
@@ -88,7 +89,16 @@ def _lion(opt, schedule, weight_decay):
                       weight_decay=weight_decay, mask=weight_decay_mask)
 
 
-OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adafactor": _adafactor, "sgd": _sgd, "lion": _lion}
+def _adamax(opt, schedule, weight_decay):
+    # Decoupled weight decay as in AdamW: added to the Adamax direction, then scaled by the learning rate.
+    return optax.chain(optax.scale_by_adamax(b1=typed(opt, "b1", (int, float)), b2=typed(opt, "b2", (int, float)),
+                                             eps=typed(opt, "eps", (int, float))),
+                       optax.add_decayed_weights(weight_decay, mask=weight_decay_mask),
+                       optax.scale_by_learning_rate(schedule))
+
+
+OPTIMIZERS: dict[str, Callable] = {"adamw": _adamw, "adafactor": _adafactor, "sgd": _sgd, "lion": _lion,
+                                   "adamax": _adamax}
 # Each optimizer's own keys in `config.optimizer`, besides name, learning_rate, warmup_steps, end_lr_factor,
 # weight_decay and grad_clip_norm.
 OWN_KEYS: dict[str, tuple[str, ...]] = {
@@ -96,6 +106,7 @@ OWN_KEYS: dict[str, tuple[str, ...]] = {
     "adafactor": ("decay_rate", "eps", "min_dim_size_to_factor", "multiply_by_parameter_scale"),
     "sgd": ("momentum", "nesterov"),
     "lion": ("b1", "b2"),
+    "adamax": ("b1", "b2", "eps"),
 }
 
 

@@ -1,4 +1,4 @@
-"""The train state and how it is initialised: parameters, optimizer state, EMA, step and RNG.
+"""The train state and how it is initialised: parameters, optimizer state, EMA, model state, step and RNG.
 
 The state is first built with the parameters in their logical boxes (`boxed_init`), so that one
 `jax.eval_shape` gives every array's shape *and* logical names (`train_lib.sharding.state_shardings`);
@@ -29,6 +29,23 @@ class TrainState:
     opt_state: Any
     ema_params: Any  # None when ema_decay == 0
     rng: jax.Array  # base key; step t uses fold_in(rng, t), so resuming needs no RNG bookkeeping
+    # Variables the step updates but does not differentiate (flax collections other than 'params', e.g.
+    # BatchNorm's 'batch_stats'): `Task.init_model_state`; None for a task without them.
+    model_state: Any = None
+
+
+def to_checkpoint(state: TrainState) -> dict[str, Any]:
+    """The state as the dict a checkpoint holds: its fields by name, without `model_state` when it is None,
+    so the checkpoints of runs without model state keep the layout they had before the field existed."""
+    fields = {name: getattr(state, name) for name in ("step", "params", "opt_state", "ema_params", "rng")}
+    if state.model_state is not None:
+        fields["model_state"] = state.model_state
+    return fields
+
+
+def from_checkpoint(tree: dict[str, Any]) -> TrainState:
+    """`to_checkpoint`'s inverse."""
+    return TrainState(**tree)
 
 
 def boxed_init(rng: jax.Array, batch: dict[str, jax.Array], *, task, optimizer: optax.GradientTransformation,
@@ -37,8 +54,11 @@ def boxed_init(rng: jax.Array, batch: dict[str, jax.Array], *, task, optimizer: 
     their `nn.Partitioned` boxes."""
     params_rng, state_rng = jax.random.split(rng)
     params = task.init_params(params_rng, batch)
+    # The same key as the parameters': a family initialises both from one `model.init` (flax's variables).
+    model_state = task.init_model_state(params_rng, batch)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-                      ema_params=jax.tree.map(jnp.copy, params) if ema else None, rng=state_rng)
+                      ema_params=jax.tree.map(jnp.copy, params) if ema else None, rng=state_rng,
+                      model_state=model_state)
 
 
 def unbox(tree: Any) -> Any:

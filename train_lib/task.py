@@ -13,9 +13,12 @@ The contract, in the order the trainer uses it:
   task = cls(config)                     # reads (and validates) every config key the family uses
   task.batch_spec(batch_size)            # shapes of one global batch
   task.init_params(rng, batch)           # logically boxed parameters (nn.with_logical_partitioning)
+  task.init_model_state(rng, batch)      # non-gradient variables (e.g. batch_stats), or None (the default)
   task.write_assets(workdir)             # process 0: files a checkpoint needs besides arrays (a tokenizer)
   task.datasets(rows)                    # grain pipelines of this process's rows of each global batch
   task.pretrained_params()               # a fresh run (no checkpoint): arrays to start from, by name
+  task.stateful_value_and_grad(params, model_state, batch, rng, step)
+                                         # (((loss, aux), grads), new model state); by default
   task.value_and_grad(params, batch, rng)  # ((loss, aux), grads): jax.value_and_grad of task.loss
   task.post_update(before, after, step)  # the parameters after the optimizer step (default: `after`)
   task.eval_sums(params, batch)          # summed over the eval batches, then task.summarize_eval
@@ -26,6 +29,15 @@ accumulation over equal microbatches then averages to the large-batch gradient. 
 per-example mean (in-batch negatives, say) sets `loss_is_example_mean = False`: the trainer refuses
 `grad_accum_steps > 1` for it, and the task may override `value_and_grad` to accumulate in its own
 way (`losses.contrastive_grad_cache` computes the full-batch gradient chunk by chunk).
+
+Model state: a family whose model has variables that are not trained by gradients (flax collections other
+than 'params': BatchNorm's running statistics, spectral-norm power-iteration vectors) returns them from
+`init_model_state`. The trainer then keeps them in `TrainState.model_state` (checkpointed, and sharded by
+their logical boxes like the parameters; unboxed leaves are replicated), passes them to
+`stateful_value_and_grad`, keeps what it returns (the old state after a non-finite step), threads them
+through the microbatches of an accumulated step in order, and gives them to `eval_sums` and
+`final_report` as the keyword `model_state=` (only to a task that has them, so other tasks' signatures
+are unchanged). The EMA parameters are evaluated with the same model state.
 
 Multi-process runs call every method on every process with global arrays, except `final_report`,
 which process 0 calls alone with host-local NumPy parameters (`train_lib.sharding.host_local`), so it
@@ -68,8 +80,17 @@ class Task(Protocol):
     def loss(self, params: Any, batch: Batch, rng: jax.Array, *, train: bool) -> tuple[jax.Array, Metrics]:
         """(scalar loss, {name: scalar}) on a batch; a mean over examples unless `loss_is_example_mean` is False."""
 
+    def init_model_state(self, rng: jax.Array, batch: Batch) -> Any:
+        """The non-gradient variables (e.g. {'batch_stats': ...}), from the same key as `init_params`; None for none."""
+
     def value_and_grad(self, params: Any, batch: Batch, rng: jax.Array) -> tuple[tuple[jax.Array, Metrics], Any]:
         """((loss, aux), gradient w.r.t. params) of the training loss on one (micro)batch."""
+
+    def stateful_value_and_grad(self, params: Any, model_state: Any, batch: Batch, rng: jax.Array,
+                                step: jax.Array) -> tuple[tuple[tuple[jax.Array, Metrics], Any], Any]:
+        """(((loss, aux), grads), the model state after this (micro)batch) at optimizer step `step` (an int32
+        scalar: e.g. a KL warm-up's position). What the trainer calls; by default `value_and_grad`, the model
+        state (None) unchanged."""
 
     def post_update(self, before: Any, after: Any, step: jax.Array) -> Any:
         """The parameters the step keeps, from those `before` and `after` the optimizer update: a change that
@@ -133,9 +154,17 @@ class TaskBase:
     def units_per_batch(self) -> int:
         return self.batch_size
 
+    def init_model_state(self, rng, batch):
+        del rng, batch
+        return None
+
     def value_and_grad(self, params, batch, rng):
         grad_fn = jax.value_and_grad(functools.partial(self.loss, train=True), has_aux=True)
         return grad_fn(params, batch, rng)
+
+    def stateful_value_and_grad(self, params, model_state, batch, rng, step):
+        del step
+        return self.value_and_grad(params, batch, rng), model_state
 
     def post_update(self, before, after, step):
         del before, step

@@ -34,7 +34,11 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or Inf loss or gradient."""
+    """Training produced a NaN or Inf loss or gradient at optimizer step `step`."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 def _microbatches(batch: dict[str, jax.Array], num: int, batch_sharding_fn) -> dict[str, jax.Array]:
@@ -53,29 +57,38 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task, optimize
     Args:
       state: the current TrainState.
       batch: the global batch, sharded over the 'batch' logical axis.
-      task: supplies `value_and_grad` (by default `jax.value_and_grad` of its loss).
+      task: supplies `stateful_value_and_grad` (by default `jax.value_and_grad` of its loss, and the
+        model state unchanged).
     Returns:
-      (new state, scalar metrics). A non-finite loss or gradient leaves params, optimizer state and EMA
-      unchanged (the step counter still advances) and sets metrics['nonfinite'] to 1.
+      (new state, scalar metrics). A non-finite loss or gradient leaves params, optimizer state, EMA and
+      model state unchanged (the step counter still advances) and sets metrics['nonfinite'] to 1.
     """
     step_rng = jax.random.fold_in(state.rng, state.step)
     accum = settings.grad_accum_steps
-    value_and_grad = task.value_and_grad
-    if settings.trainable:  # only the trainable parameters are differentiated (train_lib.optim's freezing)
-        value_and_grad = optim.restricted_value_and_grad(functools.partial(task.loss, train=True), settings.trainable)
+
+    def value_and_grad(params, model_state, batch, rng):
+        if settings.trainable:  # only the trainable parameters are differentiated (train_lib.optim's freezing)
+            restricted = optim.restricted_value_and_grad(functools.partial(task.loss, train=True), settings.trainable)
+            return restricted(params, batch, rng), model_state
+        return task.stateful_value_and_grad(params, model_state, batch, rng, state.step)
+
     if accum == 1:
-        (loss, aux), grads = value_and_grad(state.params, batch, step_rng)
+        ((loss, aux), grads), model_state = value_and_grad(state.params, state.model_state, batch, step_rng)
     else:
+        # The model state (e.g. batch-norm statistics) passes through the microbatches in order.
         def accumulate(carry, inputs):
+            sums, model_state = carry
             index, microbatch = inputs
-            (loss, aux), grads = value_and_grad(state.params, microbatch, jax.random.fold_in(step_rng, index))
-            return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+            ((loss, aux), grads), model_state = value_and_grad(state.params, model_state, microbatch,
+                                                               jax.random.fold_in(step_rng, index))
+            return (jax.tree.map(jnp.add, sums, (loss, aux, grads)), model_state), None
 
         micro = _microbatches(batch, accum, microbatch_sharding)
         first = jax.tree.map(lambda x: x[0], micro)
-        (loss0, aux0), grads0 = jax.eval_shape(value_and_grad, state.params, first, step_rng)
+        ((loss0, aux0), grads0), _ = jax.eval_shape(value_and_grad, state.params, state.model_state, first, step_rng)
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (loss0, aux0, grads0))
-        (loss, aux, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum), micro))
+        ((loss, aux, grads), model_state), _ = jax.lax.scan(accumulate, (zeros, state.model_state),
+                                                            (jnp.arange(accum), micro))
         loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
     if settings.nan_at_step >= 0:  # test-only fault injection: absent from the step unless configured
         poison = jnp.where(state.step == settings.nan_at_step, jnp.nan, 1.0)
@@ -91,17 +104,18 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, task, optimize
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
     new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                               opt_state=keep(opt_state, state.opt_state),
-                              ema_params=keep(ema_params, state.ema_params))
+                              ema_params=keep(ema_params, state.ema_params),
+                              model_state=keep(model_state, state.model_state))
     metrics = {"loss": loss, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32), **aux,
                "learning_rate": schedule(state.step)}
     return new_state, metrics
 
 
-def evaluate(eval_step, params, eval_dataset, make_batch, task) -> dict[str, float]:
+def evaluate(eval_step, params, eval_dataset, make_batch, task, model_state=None) -> dict[str, float]:
     """Sums the task's eval statistics over the eval batches and summarises them."""
     sums = None
     for local_batch in eval_dataset:
-        batch_sums = eval_step(params, make_batch(local_batch))
+        batch_sums = eval_step(params, make_batch(local_batch), model_state)
         sums = batch_sums if sums is None else jax.tree.map(jnp.add, sums, batch_sums)
     return task.summarize_eval({k: float(v) for k, v in jax.device_get(sums).items()})
 
@@ -151,7 +165,14 @@ class Plan:
                        out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
 
     def jit_eval_step(self, task):
-        return jax.jit(task.eval_sums, in_shardings=(self.param_shardings, self.batch_shardings),
+        """(params, batch, model_state) -> the task's eval sums; `model_state=` reaches only a task that has one."""
+        def eval_sums(params, batch, model_state):
+            if model_state is None:
+                return task.eval_sums(params, batch)
+            return task.eval_sums(params, batch, model_state=model_state)
+
+        return jax.jit(eval_sums, in_shardings=(self.param_shardings, self.batch_shardings,
+                                                self.state_shardings.model_state),
                        out_shardings=self.replicated)
 
     def compile_train_step(self, task):
@@ -198,7 +219,8 @@ def setup(config, *, num_devices: int | None = None, num_processes: int | None =
     optimizer = optim.make_optimizer(view.optimizer, settings.total_steps, schedule)
     trainable = optim.trainable_patterns(view.optimizer)
     if trainable:
-        if type(task).value_and_grad is not TaskBase.value_and_grad:
+        if (type(task).value_and_grad is not TaskBase.value_and_grad
+                or type(task).stateful_value_and_grad is not TaskBase.stateful_value_and_grad):
             raise ConfigError(f"config: task {settings.task!r} computes its own gradients, so 'optimizer.trainable' "
                               "cannot restrict them; train every parameter (optimizer.trainable=())")
         spec = task.batch_spec(settings.batch_size)
@@ -340,9 +362,9 @@ def _train(config, settings, task, optimizer, schedule, mesh_shape, workdir, is_
             log.info("%s at step %d", "resuming" if resumed else "starting", start_step)
 
         def run_eval(step: int) -> dict[str, float]:  # on every process: the eval step is a collective
-            results = evaluate(eval_step_fn, state.params, eval_data, make_batch, task)
+            results = evaluate(eval_step_fn, state.params, eval_data, make_batch, task, state.model_state)
             if state.ema_params is not None:
-                ema = evaluate(eval_step_fn, state.ema_params, eval_data, make_batch, task)
+                ema = evaluate(eval_step_fn, state.ema_params, eval_data, make_batch, task, state.model_state)
                 results.update({f"ema_{k}": v for k, v in ema.items()})
             metrics_writer.write(step, "eval", results)
             if is_main:
@@ -419,6 +441,7 @@ def _train(config, settings, task, optimizer, schedule, mesh_shape, workdir, is_
         reporting = finished and task.has_final_report
         if reporting:
             params = sharding.host_local(state.ema_params if state.ema_params is not None else state.params)
+            model_state = None if state.model_state is None else sharding.host_local(state.model_state)
 
     # ----------------------------------------------------------------------------------------------
     # Report: process 0 alone, outside the mesh (so its computations stay on its own devices), from
@@ -427,7 +450,9 @@ def _train(config, settings, task, optimizer, schedule, mesh_shape, workdir, is_
     report = ""
     if finished and is_main:
         plot_curves(workdir)
-        report = task.final_report(params) if reporting else ""
+        if reporting:
+            report = (task.final_report(params) if model_state is None else
+                      task.final_report(params, model_state=model_state))
     if reporting and jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("end-of-run report written")
@@ -453,4 +478,4 @@ def _check_finite(metrics: dict[str, Any], step: int, settings: TrainerSettings)
     """Raises NonFiniteLossError if `step` was non-finite, unless the config skips such steps."""
     if not settings.skip_nonfinite_steps and float(metrics["nonfinite"]) > 0:
         raise NonFiniteLossError(f"non-finite loss or gradient at step {step} (loss={float(metrics['loss'])}); "
-                                 "its update was not applied and the newest checkpoint is the last good one")
+                                 "its update was not applied and the newest checkpoint is the last good one", step)

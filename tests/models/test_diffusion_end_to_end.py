@@ -20,7 +20,7 @@ import pytest
 from models import unet
 from models.diffusion import likelihood, samplers, schedules, training
 from train_lib import image_data
-from train_lib.diffusion import quality as sample_quality
+from train_lib import sample_quality
 
 CONFIG = dict(base_channels=16, channel_mults=(1, 2), num_res_blocks=1, attention_resolutions=(4,), dropout=0.0,
               num_groups=8)

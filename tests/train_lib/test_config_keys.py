@@ -62,7 +62,7 @@ def test_a_key_nothing_reads_is_refused_naming_it():
     ("optimizer.learning_rate", float("nan"), "'optimizer.learning_rate' must be a positive finite number"),
     ("optimizer.learning_rate", float("inf"), "'optimizer.learning_rate' must be a positive finite number"),
     ("optimizer.warmup_steps", 13, "'optimizer.warmup_steps' 13 must be in 0..total_steps (12)"),
-    ("optimizer.name", "adam", "'optimizer.name' is 'adam'; expected one of ['adafactor', 'adamw', 'lion', 'sgd']"),
+    ("optimizer.name", "adam", "'optimizer.name' is 'adam'; expected one of ['adafactor', 'adamax', 'adamw', 'lion', 'sgd']"),
     ("logical_axis_rules", (("batch", "dp"),), "'logical_axis_rules' has the entry ('batch', 'dp')"),
     ("task", "lmm", "'task' is 'lmm'; expected one of"),
 ])

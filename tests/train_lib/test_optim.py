@@ -113,3 +113,29 @@ def test_optimizer_switch_without_its_keys_says_to_use_the_preset():
     config.optimizer.name = "sgd"
     with pytest.raises(ConfigError, match=r"needs optimizer.momentum, optimizer.nesterov.*preset.*tiny,sgd"):
         optim.make_optimizer(config.optimizer, config.total_steps)
+
+
+def test_adamax_follows_kingma_and_ba_algorithm_2_with_decoupled_weight_decay():
+    """Adamax (Kingma & Ba, arXiv 1412.6980, Algorithm 2) in float64 NumPy: m ← β₁m + (1−β₁)g,
+    u ← max(β₂u, |g|), θ ← θ − α_t (m/(1−β₁ᵗ))/u − α_t·wd·θ on the decayed leaves (AdamW's decoupling)."""
+    from experiments import common
+
+    opt = common.optimizer_config("adamax", learning_rate=1e-2, warmup_steps=0, end_lr_factor=1.0,
+                                  weight_decay=0.1, grad_clip_norm=0.0)
+    tx = optim.make_optimizer(opt, 100)
+    params = {"dense": {"kernel": jnp.asarray([[0.5, -1.0], [2.0, 0.25]]), "bias": jnp.asarray([0.3, -0.2])}}
+    rng = np.random.default_rng(0)
+    grads_seq = [{"dense": {"kernel": rng.normal(size=(2, 2)), "bias": rng.normal(size=2)}} for _ in range(5)]
+    state = tx.init(params)
+    p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    m = jax.tree.map(np.zeros_like, p)
+    u = jax.tree.map(np.zeros_like, p)
+    for t, g in enumerate(grads_seq, start=1):
+        updates, state = tx.update(jax.tree.map(jnp.asarray, g), state, params)
+        params = optax.apply_updates(params, updates)
+        m = jax.tree.map(lambda m_, g_: 0.9 * m_ + 0.1 * g_, m, g)
+        u = jax.tree.map(lambda u_, g_: np.maximum(0.999 * u_, np.abs(g_)), u, g)
+        step = jax.tree.map(lambda m_, u_: 1e-2 * m_ / (1 - 0.9 ** t) / u_, m, u)
+        decay = {"dense": {"kernel": 1e-2 * 0.1 * p["dense"]["kernel"], "bias": np.zeros(2)}}  # bias not decayed
+        p = jax.tree.map(lambda p_, s_, d_: p_ - s_ - d_, p, step, decay)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), params, p)

@@ -11,7 +11,7 @@ estimated once by Monte Carlo over training images and cached per checkpoint in
 `DIR/analytic_gamma_<step>.npz` (one entry per timestep; later runs estimate only timesteps not yet there).
 
 For digits, samples are scored by FCD and KID against the test split, next to the same distances between
-the real train and test splits (the floor); see `train_lib.diffusion.quality`. The NLL is the K-step bound
+the real train and test splits (the floor); see `train_lib.sample_quality`. The NLL is the K-step bound
 of `models.diffusion.likelihood` on the test split, with its prior, diffusion and reconstruction terms;
 DDIM-type samplers have an NLL only for η > 0. Sample grids are named by checkpoint step, sampler, K,
 number of samples and seed (`samples_<step>_<sampler>_k<K>_n<num>_seed<seed>.png`), so runs with other
@@ -41,7 +41,7 @@ from absl import flags
 from models.diffusion import likelihood, samplers, schedules
 from train_lib import cli, xla_flags
 from train_lib.config_lib import ConfigError
-from train_lib.diffusion import quality as sample_quality
+from train_lib import sample_quality
 
 COMMAND = "train_lib.diffusion.sample"
 

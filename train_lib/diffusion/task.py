@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from typing import Any
 
 import flax.linen as nn
@@ -42,7 +41,6 @@ LEVELS = {"digits": 17, "cifar10": 256}
 # Samplers whose NLL needs nothing but the network: the analytic ones need Γ (train_lib.diffusion.sample
 # estimates and caches it) and DDIM's needs η > 0.
 EVAL_NLL_METHODS = ("ddpm_beta", "ddpm_beta_tilde")
-_ASCII_RAMP = " .:-=+*#%@"
 
 
 def dataset_name(config) -> str:
@@ -139,13 +137,6 @@ def validate_diffusion_config(d: DiffusionSettings, s: SampleSettings, num_class
 def denoise(model: nn.Module, params, x, t, labels=None):
     """The network as the diffusion library calls it: `(params, x [B,H,W,C], t [B]) -> output`, no dropout."""
     return model.apply({"params": params}, x, t, labels=labels, train=False)
-
-
-def fingerprint(data: image_data.ImageDataset) -> str:
-    digest = hashlib.sha256()
-    for array in (data.train_images, data.train_labels, data.test_images, data.test_labels):
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()[:12]
 
 
 class DiffusionTask(TaskBase):
@@ -268,7 +259,7 @@ class DiffusionTask(TaskBase):
         description = (f"{data.name}: {len(data.train_images)} train, {len(data.test_images)} test images "
                        f"{'×'.join(map(str, data.image_shape))}, {data.levels} levels; evaluating on "
                        f"{num_eval * batch} test images")
-        return train, evaluation, {"data": description, "data_fingerprint": fingerprint(data),
+        return train, evaluation, {"data": description, "data_fingerprint": image_data.fingerprint(data),
                                    "train_images": len(data.train_images), "test_images": len(data.test_images)}
 
     def sample_labels(self, num: int, class_label: int | None = None) -> jax.Array | None:
@@ -329,15 +320,4 @@ class DiffusionTask(TaskBase):
         if self.dataset != "digits":
             return (f"{header}: pixel mean {images.mean():.3f}, std {images.std():.3f}. Grids and FCD/NLL tables: "
                     "python -m train_lib.diffusion.sample --workdir=<workdir>")
-        return f"{header}:\n{ascii_digits(images, self.levels)}"
-
-
-def ascii_digits(images: np.ndarray, levels: int, *, per_line: int = 5) -> str:
-    """Greyscale images `[N, H, W, 1]` in [−1, 1] as text, `per_line` side by side, two characters per pixel."""
-    grey = image_data.unit_range_to_levels(images[..., 0], levels) * (len(_ASCII_RAMP) - 1) // (levels - 1)
-    blocks = []
-    for start in range(0, len(grey), per_line):
-        group = grey[start:start + per_line]
-        blocks.append("\n".join("  ".join("".join(2 * _ASCII_RAMP[v] for v in image[row]) for image in group)
-                                for row in range(grey.shape[1])))
-    return "\n\n".join(blocks)
+        return f"{header}:\n{image_data.ascii_digits(images, self.levels)}"

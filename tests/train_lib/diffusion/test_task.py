@@ -137,7 +137,7 @@ def test_x0_prediction_loss_at_initialisation_is_the_mean_square_of_the_images()
 def test_ascii_rendering_maps_levels_to_the_ramp():
     levels = np.array([[0, 16], [8, 16]])  # 17 grey levels: 0 → ' ', 8 → '=', 16 → '@'
     images = image_data.levels_to_unit_range(levels, 17)[None, :, :, None]
-    text = diffusion_task.ascii_digits(np.concatenate([images, -images]), 17)
+    text = image_data.ascii_digits(np.concatenate([images, -images]), 17)
     assert text.splitlines() == ["  @@  @@  ", "==@@  ==  "]
 
 
@@ -206,7 +206,7 @@ def test_tiny_model_trains_and_evaluates(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "5 samples (DDIM η=0, 5 steps)" in report
     art = report.split("5 steps):\n", 1)[1].splitlines()[:8]
-    assert all(len(line) == 5 * 16 + 4 * 2 and set(line) <= set(diffusion_task._ASCII_RAMP) for line in art)
+    assert all(len(line) == 5 * 16 + 4 * 2 and set(line) <= set(image_data.ASCII_RAMP) for line in art)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import scipy.linalg
 from PIL import Image
 
 from train_lib import image_data
-from train_lib.diffusion import quality as sample_quality
+from train_lib import sample_quality
 
 
 def _fd_reference(a, b):
