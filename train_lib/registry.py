@@ -15,6 +15,7 @@ TASKS: dict[str, str] = {
     "mlm": "train_lib.lm.task:MaskedLanguageModelTask",
     "diffusion": "train_lib.diffusion.task:DiffusionTask",
     "siamese": "train_lib.selfsup.task:SiameseTask",
+    "vae": "train_lib.vae.task:VAETask",
     "text_mlm": "train_lib.text.task:MaskedLanguageModelTask",
     "seq2seq": "train_lib.text.task:Seq2SeqTask",
     "classify": "train_lib.text.classify:ClassifyTask",

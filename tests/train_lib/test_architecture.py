@@ -11,7 +11,8 @@ from tests.train_lib.conftest import REPO
 from train_lib import registry, task as task_lib
 
 PACKAGES = ("models", "losses", "train_lib", "experiments")
-FAMILIES = ("train_lib.lm", "train_lib.diffusion", "train_lib.selfsup", "train_lib.text")
+FAMILIES = ("train_lib.lm", "train_lib.diffusion", "train_lib.selfsup", "train_lib.text",
+            "train_lib.vae")
 # Commands of earlier versions kept as one-line aliases of a family's CLI (nothing imports them).
 CLI_ALIASES = ("train_lib.generate", "train_lib.evaluate", "train_lib.sample")
 

@@ -1,0 +1,1 @@
+"""The 'vae' family: hierarchical VAEs of images (NVAE, `models.nvae`) trained by the generic trainer."""
