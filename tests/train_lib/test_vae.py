@@ -159,6 +159,7 @@ def test_sharded_mesh_matches_single_device(tmp_path):
                                read_metrics(tmp_path / "single", "eval")[-1]["nelbo_bpd"], rtol=2e-4)
 
 
+@pytest.mark.slow  # two cells trained and evaluated (~2 min on 2 cores): make test-slow
 def test_quick_study_trains_both_kinds_of_cell_and_writes_the_tables(tmp_path):
     config = nvae_study.get_config("quick")
     config.workdir = str(tmp_path)
