@@ -110,7 +110,7 @@ def test_registered_tasks_implement_the_protocol():
 
 
 def test_registry_errors_name_the_choices():
-    with pytest.raises(registry.ConfigError, match=r"'task' is 'lmm'; expected one of \['classify', 'conditional_lm', 'diffusion', 'lm', 'mlm', 'seq2seq', 'siamese', 'text_mlm'\]"):
+    with pytest.raises(registry.ConfigError, match=r"'task' is 'lmm'; expected one of \['classify', 'conditional_lm', 'diffusion', 'lm', 'mlm', 'seq2seq', 'siamese', 'text_mlm', 'vae'\]"):
         registry.task_class("lmm")
     with pytest.raises(registry.ConfigError, match="no module 'no_such_family.task'"):
         registry.task_class("no_such_family.task:Task")

@@ -94,7 +94,7 @@ def test_length_evaluation_at_training_length_equals_trainer_evaluation():
     _, eval_data, text = data_lib.language_model_datasets("", seq_len=config.data.seq_len, batch_size=config.batch_size,
                                                           eval_batches=config.eval_batches, seed=config.seed,
                                                           rows=(0, config.batch_size))
-    want = trainer.evaluate(jax.jit(task.eval_sums), params, eval_data,
+    want = trainer.evaluate(jax.jit(lambda p, b, _state: task.eval_sums(p, b)), params, eval_data,
                             lambda batch: {k: jnp.asarray(v) for k, v in batch.items()}, task)
     rows = evaluate.evaluate_lengths(task, params, [32, 16], stream=text.validation, max_tokens=2 * 4 * 32,
                                      batch_tokens=4 * 32)
