@@ -21,6 +21,11 @@ weight decay 3e-4 on the trainer's decayed leaves (dense kernels: the weight-nor
 directions are not decayed), batch 64, 2,000 steps (~90 epochs of the 1,437 training images), no gradient
 clipping, no EMA (BatchNorm's statistics belong to the raw parameters).
 
+Measured (experiments/nvae_study.py, 2-core CPU): the `groups1` preset trains in 3 min 30 s to −ELBO 1.881 and
+IWAE-1000 1.793 bits/dim on the 360 test images (Analytic-DPM's bound: 2.954), FCD 10.77 at temperature 1.0;
+the default (2 groups per scale) reaches 2.217 / 2.085 with two groups inactive, and `groups4`'s KL explodes
+within 100 steps at this learning rate.
+
 Variants (`get_config(arg)`: a variant, then presets after commas):
   digits  (default) the model above.
   quick   a tiny model and a few steps: for tests (seconds).

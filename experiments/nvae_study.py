@@ -19,6 +19,13 @@ interrupted study resumes):
   python -m experiments.nvae_study --config=experiments/nvae_study.py:quick     # seconds
 
 Writes WORKDIR/results.json and WORKDIR/results.md (the tables).
+
+Results (the first command, 2,418 s on a 2-core CPU; the full tables are experiments/figures/nvae_study_results.md
+and the README's NVAE section): −ELBO / IWAE-1000 bits/dim 1.881 / 1.793 for one group per scale, 2.217 / 2.085
+for two (two of its four groups inactive), and for four the KL exploded in the first 100 steps and did not
+recover (2.3e5 bits/dim); FCD at t = 1.0 / 0.6: 10.77 / 22.31 and 25.39 / 41.55. At lr 0.3 every one of the 12
+stability runs was NaN-free, the plain model included (mean −ELBO 1.939 plain, 1.960 spectral only, 2.062
+residual only, 2.068 both): the grid found no divergence for the stabilisers to prevent.
 """
 from __future__ import annotations
 
