@@ -37,6 +37,7 @@ setup(
         # the PyPI packages whose files hold the embedded Chinese text (read as data; jionlp is never imported).
         "text": [
             "tokenizers>=0.21,<0.24",
+            "sentencepiece>=0.2,<0.3",
             "safetensors>=0.4,<0.9",
             "jieba>=0.42,<0.43",
             "snownlp>=0.12,<0.13",

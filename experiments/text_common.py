@@ -40,9 +40,10 @@ SIZES = {
 
 
 def tokenizer_config(*, vocab_size: int = 8000) -> ml_collections.ConfigDict:
-    """WordPiece trained on the embedded pretraining mix (one token per CJK character) unless `path` is set."""
+    """WordPiece trained on the embedded pretraining mix (one token per CJK character) unless `path` is set;
+    `kind='sentencepiece'`: a unigram model of the task's corpus, `sampling_alpha` > 0 for random segmentations."""
     return ml_collections.ConfigDict({"kind": "wordpiece", "path": "", "vocab_size": vocab_size, "num_unused": 99,
-                                      "lowercase": True})
+                                      "lowercase": True, "sampling_alpha": 0.0})
 
 
 def reviews_data_config(seq_len: int) -> ml_collections.ConfigDict:

@@ -146,6 +146,8 @@ SWEEP = [  # (module, args (callable of tmp_path for workdirs), words the line m
     ("experiments.position_probe", lambda t: ["--config.steps=0"], ["'steps'", "positive"]),
     ("experiments.flash_speed", lambda t: ["--config.models=('gau', 'rnn')"], ["'models'", "flash"]),
     ("experiments.zlpr_vs_bce", lambda t: ["--config.losses=('mse',)"], ["'losses'", "zlpr"]),
+    ("train_lib.text.continuation", lambda t: ["--workdir", str(t), "--k=0"], ["--k", "at least 1"]),
+    ("experiments.continuation", lambda t: ["--config.models=('gpt',)"], ["'models'", "sampled"]),
 ]
 
 
@@ -160,7 +162,7 @@ def test_every_cli_gives_one_line_for_a_bad_value(tmp_path, module, args, words)
     ("train_lib.main", "--stop_at_step"), ("train_lib.lm.generate", "--top_k"), ("train_lib.lm.evaluate", "--lengths"),
     ("train_lib.diffusion.sample", "--second_last_sigma_pixels"), ("train_lib.benchmark", "--compile_only"),
     ("experiments.position_probe", "--config"), ("train_lib.text.generate", "--beam_size"),
-    ("train_lib.text.evaluate", "--split"),
+    ("train_lib.text.evaluate", "--split"), ("train_lib.text.continuation", "--max_chars"),
 ])
 def test_help_prints_the_flags(module, flag):
     result = run_cli(["--help"], module=module, devices=1)

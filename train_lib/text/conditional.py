@@ -17,6 +17,7 @@ Eval metrics: per-token loss and perplexity over the text tokens, also per class
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import flax.linen as nn
@@ -50,8 +51,9 @@ class ConditionalLMTask(TextTask):
     """A causal LM over (text, label) records, conditioned on the label by CLN, a prefix token or not at all."""
 
     description = "a class-conditional language model"
-    commands = ("train_lib.text.evaluate",)
+    commands = ("train_lib.text.evaluate", "train_lib.text.continuation")
     data_fields = ("text", "label")
+    samples_segmentations = True
 
     def __init__(self, config):
         super().__init__(config)
@@ -87,10 +89,14 @@ class ConditionalLMTask(TextTask):
 
     # -- data ---------------------------------------------------------------------------------------------
 
-    def encode(self, text: str, label: int) -> dict[str, np.ndarray]:
+    def encode(self, text: str, label: int, segmentation_rng=None) -> dict[str, np.ndarray]:
+        """One example; with `segmentation_rng` (a NumPy generator) the text's segmentation is drawn with
+        `tokenizer.sampling_alpha` instead of the most likely one."""
         tok = self.tokenizer
         head = [tok.cls_id] + ([self.label_tokens[label]] if self.label_tokens else [])
-        ids = (head + tok.encode(text))[:self.seq_len - 1] + [tok.sep_id]
+        body = (tok.encode(text) if segmentation_rng is None else
+                tok.sample_encode(text, alpha=self.tokenizer_settings.sampling_alpha, rng=segmentation_rng))
+        ids = (head + body)[:self.seq_len - 1] + [tok.sep_id]
         tokens = np.full(self.seq_len, tok.pad_id, np.int32)
         tokens[:len(ids)] = ids
         return {"tokens": tokens, "padding_mask": (np.arange(self.seq_len) < len(ids)).astype(np.int32),
@@ -117,11 +123,17 @@ class ConditionalLMTask(TextTask):
             if split == "validation":  # in a fixed random order: the first eval batches hold every class
                 records = [records[i] for i in np.random.default_rng(0).permutation(len(records))]
             splits[split] = _Encoded(records, self, index)
+        train_map = None
+        if self.tokenizer_settings.sampling_alpha > 0:  # a fresh segmentation per example and epoch
+            train_map = functools.partial(_sampled, splits["train"], self.seed)
+            splits["train"] = range(len(splits["train"]))
         train, evaluation = data_lib.pipelines(splits["train"], splits["validation"], batch_size=self.batch_size,
                                                eval_batches=self.eval_batches, seed=self.seed, rows=rows,
-                                               what=f"data.corpus={self.data_settings.corpus!r}")
+                                               what=f"data.corpus={self.data_settings.corpus!r}", train_map=train_map)
         info = data_lib.corpus_info(self.data_settings)
         info.update({"condition": self.settings.condition, "train_records": len(splits["train"])})
+        if train_map is not None:
+            info["sampling_alpha"] = self.tokenizer_settings.sampling_alpha
         return train, evaluation, info
 
     # -- parameters and losses ----------------------------------------------------------------------------
@@ -236,6 +248,12 @@ class _Encoded:
     def __len__(self):
         return len(self._records)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i, segmentation_rng=None):
         record = self._records[i]
-        return self._task.encode(record["text"], self._index[record["label"]])
+        return self._task.encode(record["text"], self._index[record["label"]], segmentation_rng)
+
+
+def _sampled(examples: _Encoded, seed: int, index: int, record: int):
+    """Training example `index` of the endless stream (record `record`), its segmentation drawn from (seed, index):
+    every epoch differs, and a resumed run draws the same."""
+    return examples.__getitem__(int(record), np.random.default_rng([seed, int(index)]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import sys
 
@@ -56,6 +57,19 @@ def load_records(settings: DataSettings, split: str, fields: tuple[str, ...]) ->
         raise ConfigError(f"config: 'data.corpus' {settings.corpus!r} has fields {list(corpus.fields)}, but this task "
                           f"needs {list(fields)}")
     return corpus.splits[split]
+
+
+def training_texts(settings: DataSettings, fields: tuple[str, ...]) -> tuple[list[str], str]:
+    """(the train split's texts of `fields`, a fingerprint of the corpus): what a tokenizer is trained on."""
+    if settings.corpus == "pretraining":
+        return corpora.pretraining_texts("train")
+    fields = fields or ("text",)
+    texts = [r[f] for r in load_records(settings, "train", fields) for f in fields]
+    if settings.corpus == "jsonl":
+        fingerprint = "jsonl " + hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+    else:
+        fingerprint = corpora.load_corpus(settings.corpus).fingerprint
+    return texts, f"{fingerprint} {' '.join(fields)}"
 
 
 def corpus_info(settings: DataSettings) -> dict[str, str]:
@@ -165,13 +179,15 @@ def _stack(examples: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 
 def pipelines(train_source, eval_source, *, batch_size: int, eval_batches: int, seed: int, rows: tuple[int, int],
-              what: str, extra=None):
+              what: str, extra=None, train_map=None):
     """(train iterator dataset: shuffled with `seed`, reshuffled every epoch, forever; the first `eval_batches`
     global batches of the eval source, in order).
 
     `extra(index, example) -> example`, if given, adds fields to every example from its global index (the
     position in the endless shuffled stream, so each epoch differs, and a resumed run sees the same), for
-    both pipelines (the eval batches must carry the train batches' keys)."""
+    both pipelines (the eval batches must carry the train batches' keys). `train_map(index, item) -> example`, if
+    given, makes the training examples from the train source's items (the same global index: a random
+    segmentation per example and epoch); the eval source holds examples already."""
     if len(train_source) < batch_size:
         raise ConfigError(f"config: {what} gives {len(train_source)} training examples, fewer than one batch of "
                           f"{batch_size}; use more data or a smaller batch_size")
@@ -184,6 +200,8 @@ def pipelines(train_source, eval_source, *, batch_size: int, eval_batches: int, 
                     eval_batches)
     train = grain.MapDataset.source(train_source).shuffle(seed=seed).repeat(None)
     eval_examples = grain.MapDataset.source(eval_source)
+    if train_map is not None:
+        train = train.map_with_index(train_map)
     if extra is not None:
         train, eval_examples = train.map_with_index(extra), eval_examples.map_with_index(extra)
     train = batched(train, global_batch=batch_size, rows=rows, num_batches=sys.maxsize // batch_size, collate=_stack)

@@ -30,8 +30,8 @@ import numpy as np
 
 from models import masks as masks_lib
 
-__all__ = ["AllowOnlyAtFirstStep", "CachedLM", "DecodeResult", "ForbidTokens", "allow_only_at_first_step",
-           "beam_search", "benchmark_decoding", "filter_logits", "forbid_tokens", "gnmt_length_penalty", "greedy",
+__all__ = ["AllowOnlyAtFirstStep", "CachedLM", "DecodeResult", "ForbidTokens", "TokenHealer",
+           "allow_only_at_first_step", "beam_search", "benchmark_decoding", "filter_logits", "forbid_tokens", "gnmt_length_penalty", "greedy",
            "left_pad", "sample", "seq2seq_prefix"]
 
 
@@ -100,6 +100,58 @@ def forbid_tokens(ids: Sequence[int]) -> ForbidTokens:
 
 def allow_only_at_first_step(allowed) -> AllowOnlyAtFirstStep:
     return AllowOnlyAtFirstStep(jnp.asarray(allowed, bool))
+
+
+class TokenHealer:
+    """Token healing (Su, "大词表语言模型在续写任务上的一个问题及对策", https://kexue.fm/archives/9762; Guidance's
+    `token_healing`): a prompt cut inside a word ends on a token that rarely ends a word in training, so back off
+    the prompt's last token and let the model choose, at the first step, any token whose text begins with the
+    removed text (the removed token itself among them). With the first-step constraint of
+    `allow_only_at_first_step(healer.allowed_mask(removed))` any decoder heals; the continuation is the
+    generated text after the removed text.
+
+    `token_bytes[i]`: the UTF-8 bytes token i adds to the decoded text, None for special tokens (a tokenizer's
+    `token_bytes()`); matching bytes, not characters, lets a byte-level vocabulary heal too (where only the
+    removed byte itself qualifies, so healing changes nothing).
+    """
+
+    def __init__(self, token_bytes: Sequence[bytes | None]):
+        self.token_bytes = list(token_bytes)
+        self.vocab_size = len(self.token_bytes)
+        self._order = sorted((b, i) for i, b in enumerate(self.token_bytes) if b)
+        self._sorted = [b for b, _ in self._order]
+        self._cache: dict[bytes, np.ndarray] = {}
+
+    def extending(self, text: bytes) -> np.ndarray:
+        """Ids of the tokens whose bytes begin with `text` (sorted by their bytes, which keeps them contiguous)."""
+        import bisect
+
+        if text not in self._cache:
+            lo = bisect.bisect_left(self._sorted, text)
+            hi = lo
+            while hi < len(self._sorted) and self._sorted[hi].startswith(text):
+                hi += 1
+            self._cache[text] = np.asarray([i for _, i in self._order[lo:hi]], np.int32)
+        return self._cache[text]
+
+    def heal(self, prompt: Sequence[int], *, keep: int = 1) -> tuple[list[int], bytes]:
+        """(the prompt without its last token, that token's bytes); unchanged, with b"", when the prompt has no more
+        than `keep` tokens (e.g. a [CLS] to keep) or ends on a special token."""
+        prompt = [int(t) for t in prompt]
+        if len(prompt) <= keep or not self.token_bytes[prompt[-1]]:
+            return prompt, b""
+        return prompt[:-1], self.token_bytes[prompt[-1]]
+
+    def allowed_mask(self, removed: Sequence[bytes]) -> np.ndarray:
+        """`[len(removed), V]` bool: per row, the tokens a healed first step may choose (all, where nothing was
+        removed)."""
+        mask = np.zeros((len(removed), self.vocab_size), bool)
+        for row, text in enumerate(removed):
+            if text:
+                mask[row, self.extending(text)] = True
+            else:
+                mask[row] = True
+        return mask
 
 
 def _split_processor(processor):

@@ -1,9 +1,10 @@
-"""Tokenizers of the text family: Chinese-BERT WordPiece (one token per CJK character) and UTF-8 bytes.
+"""Tokenizers of the text family: Chinese-BERT WordPiece (one token per CJK character), UTF-8 bytes, and
+unigram SentencePiece (a large vocabulary of words and phrases; random segmentations for subword regularisation).
 
-Both implement `Tokenizer`: `encode` adds no special tokens (`encode_pair` lays out `[CLS] a [SEP] b [SEP]`),
-`decode` drops [PAD]/[CLS]/[SEP]/[MASK] and detokenises as a Chinese BERT does (no spaces between CJK
+All implement `Tokenizer`: `encode` adds no special tokens (`encode_pair` lays out `[CLS] a [SEP] b [SEP]`),
+`decode` drops [PAD]/[CLS]/[SEP]/[MASK]; WordPiece's detokenises as a Chinese BERT does (no spaces between CJK
 characters, one space between Latin words; a simpler form of bert4keras's `Tokenizer.decode`,
-https://github.com/bojone/bert4keras/blob/master/bert4keras/tokenizers.py). `fingerprint` identifies the
+https://github.com/bojone/bert4keras/blob/master/bert4keras/tokenizers.py), the others' gives the text back. `fingerprint` identifies the
 vocabulary and its normaliser: equal fingerprints mean equal ids for every text, so a checkpoint's
 embeddings are read with the ids they were trained on.
 
@@ -19,6 +20,7 @@ import hashlib
 import heapq
 import json
 import logging
+import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -46,7 +48,7 @@ def _fingerprint(kind: str, normalizer, tokens: list[str]) -> str:
 class Tokenizer(abc.ABC):
     """What the text family needs of a tokenizer. Ids are ints in [0, vocab_size)."""
 
-    kind: str  # 'wordpiece' | 'bytes'
+    kind: str  # 'wordpiece' | 'bytes' | 'sentencepiece'
     vocab_size: int
     pad_id: int
     unk_id: int
@@ -75,6 +77,12 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def id_to_token(self, i: int) -> str: ...
+
+    def token_bytes(self) -> list[bytes | None]:
+        """Per id, the UTF-8 bytes the token adds to the decoded text (None for special tokens): what token
+        healing (`train_lib.text.decoding.token_healing`) matches the prompt's removed text against."""
+        raise NotImplementedError(f"{type(self).__name__} has no token_bytes(); token healing needs the bytes or "
+                                  "sentencepiece tokenizer")
 
     @abc.abstractmethod
     def save(self, directory: str) -> None:
@@ -289,6 +297,9 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
 
+    def token_bytes(self) -> list[bytes | None]:
+        return [bytes([i]) for i in range(256)] + [None] * (self.vocab_size - 256)
+
     def token_to_id(self, token: str) -> int | None:
         return self._ids.get(token)
 
@@ -299,6 +310,154 @@ class ByteTokenizer(Tokenizer):
 
     def save(self, directory: str) -> None:
         _write_meta(directory, {"kind": self.kind, "num_unused": self.num_unused, "fingerprint": self.fingerprint})
+
+
+# --------------------------------------------------------------------------------------------------
+# SentencePiece (unigram).
+# --------------------------------------------------------------------------------------------------
+
+SENTENCEPIECE_FILE = "sentencepiece.model"
+SENTENCEPIECE_TRAINER_VERSION = "train_sentencepiece/v1"  # keys cached vocabularies: change it with the settings
+_UNK_PENALTY = 10.0  # sentencepiece's kUnkPenalty: an unknown character scores min_score - 10
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A SentencePiece model (Kudo & Richardson, arXiv 1808.06226) behind the `Tokenizer` interface.
+
+    Trained by `train_sentencepiece` as a unigram LM (Kudo, "Subword Regularization", arXiv 1804.10959) with the
+    identity normaliser and no dummy prefix, so `decode(encode(text)) == text` for any text of known characters and
+    a token's text is a substring of the input ('▁' stands for a space). `encode` is the most likely
+    segmentation (sentencepiece's Viterbi); `sample_encode` draws one with probability ∝ P(segmentation)^α,
+    sentencepiece's `enable_sampling` with `nbest_size=-1`, here by forward filtering and backward sampling on
+    the same lattice with a NumPy generator, so a (seed, example) pair always gives the same segmentation
+    (sentencepiece's own sampler draws from one process-wide generator).
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes, *, source: str = "a sentencepiece model"):
+        import sentencepiece
+
+        self._proto = bytes(model_proto)
+        try:
+            self.processor = sentencepiece.SentencePieceProcessor(model_proto=self._proto)
+        except Exception as e:  # RuntimeError on a file that is not a ModelProto
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"tokenizer {source}: not a sentencepiece model ({reason})") from None
+        sp = self.processor
+        self.vocab_size = sp.get_piece_size()
+        self._pieces = [sp.id_to_piece(i) for i in range(self.vocab_size)]
+        self._ids = {piece: i for i, piece in enumerate(self._pieces)}
+        _check_specials(self._ids.__contains__, source)
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (self._ids[t] for t in SPECIAL_TOKENS)
+        scores = [sp.get_score(i) for i in range(self.vocab_size)]
+        self._normal = [not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) or sp.is_byte(i))
+                        for i in range(self.vocab_size)]
+        self.fingerprint = _fingerprint(self.kind, "identity", [f"{p}\t{s!r}" for p, s in zip(self._pieces, scores)])
+        # the lattice of `sample_encode`: surface text → (id, score) of every normal piece
+        self._lattice = {self._pieces[i].replace("\u2581", " "): (i, scores[i])
+                         for i in range(self.vocab_size) if self._normal[i]}
+        self._max_piece = max(map(len, self._lattice))
+        self._unk_score = min(s for i, s in enumerate(scores) if self._normal[i]) - _UNK_PENALTY
+
+    def __getstate__(self):  # grain's worker processes rebuild the processor from the model's bytes
+        return {"_proto": self._proto}
+
+    def __setstate__(self, state):
+        self.__init__(state["_proto"])
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text)
+
+    def encode_with_starts(self, text: str) -> tuple[list[int], list[int]]:
+        ids, starts, start = [], [], 0
+        for piece in self.processor.encode(text, return_type="proto").pieces:
+            ids.append(piece.id)
+            starts.append(start)
+            start += len(piece.surface)
+        return ids, starts
+
+    def segmentation_log_weights(self, text: str) -> list[list[tuple[int, int, float]]]:
+        """edges[j] = [(i, id, score)]: the pieces that cover `text[i:j]` (an unknown single character gets the
+        unknown token at sentencepiece's penalty), the lattice that both `sample_encode` and the tests read."""
+        edges: list[list[tuple[int, int, float]]] = [[] for _ in range(len(text) + 1)]
+        for i in range(len(text)):
+            found_single = False
+            for j in range(i + 1, min(len(text), i + self._max_piece) + 1):
+                hit = self._lattice.get(text[i:j])
+                if hit is not None:
+                    edges[j].append((i, *hit))
+                    found_single |= j == i + 1
+            if not found_single:
+                edges[i + 1].append((i, self.unk_id, self._unk_score))
+        return edges
+
+    def sample_encode(self, text: str, *, alpha: float, rng) -> list[int]:
+        """One segmentation drawn with probability ∝ exp(α · Σ piece log-probabilities) (subword regularisation,
+        arXiv 1804.10959 §3.2, l = ∞): the forward pass sums over the lattice, the backward pass samples from the
+        end. `rng` is a `numpy.random.Generator`."""
+        if not alpha > 0:
+            raise ValueError(f"sample_encode: alpha must be positive, got {alpha}")
+        edges = self.segmentation_log_weights(text)
+        forward = [0.0] * (len(text) + 1)
+        for j in range(1, len(text) + 1):
+            terms = [forward[i] + alpha * s for i, _, s in edges[j]]
+            top = max(terms)
+            forward[j] = top + math.log(sum(math.exp(t - top) for t in terms))
+        ids, j = [], len(text)
+        while j > 0:  # the edge into j is (i, token) with probability exp(forward[i] + α·score − forward[j])
+            u, total = rng.random(), 0.0
+            for i, token, score in edges[j]:
+                total += math.exp(forward[i] + alpha * score - forward[j])
+                if u < total:
+                    break
+            ids.append(token)
+            j = i
+        return ids[::-1]
+
+    def token_bytes(self) -> list[bytes | None]:
+        return [self._pieces[i].replace("\u2581", " ").encode("utf-8") if self._normal[i] else None
+                for i in range(self.vocab_size)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        dropped = self._dropped_on_decode()
+        return self.processor.decode([int(i) for i in ids if int(i) not in dropped])
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._ids.get(token)
+
+    def id_to_token(self, i: int) -> str:
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        return self._pieces[i]
+
+    def save(self, directory: str) -> None:
+        with open(os.path.join(directory, SENTENCEPIECE_FILE), "wb") as f:
+            f.write(self._proto)
+        _write_meta(directory, {"kind": self.kind, "fingerprint": self.fingerprint})
+
+
+def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, num_unused: int = 99) -> SentencePieceTokenizer:
+    """A unigram SentencePiece model of `vocab_size` pieces (specials and [unused] included) learned from `texts`:
+    every character of the texts is kept (character_coverage 1), the identity normaliser, one thread (the same
+    texts give the same model)."""
+    import io
+
+    import sentencepiece
+
+    texts = [t for t in texts if t]
+    out = io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=out, model_type="unigram", vocab_size=vocab_size,
+            character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=False,
+            remove_extra_whitespaces=False, pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="[PAD]",
+            unk_piece="[UNK]", bos_piece="[CLS]", eos_piece="[SEP]",
+            control_symbols=["[MASK]"] + [unused_token(i) for i in range(1, num_unused + 1)], num_threads=1,
+            max_sentence_length=1 << 20, minloglevel=2)
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (16000). Please set it to a value <= 9000."
+        raise ConfigError(f"config: 'tokenizer.vocab_size' {vocab_size}: sentencepiece says {str(e).strip()}") from None
+    return SentencePieceTokenizer(out.getvalue(), source="trained on the corpus")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,6 +594,15 @@ def _load_tokenizer_json(path: str) -> WordPieceTokenizer:
     return WordPieceTokenizer(backend, source=repr(path))
 
 
+def _load_sentencepiece(path: str) -> SentencePieceTokenizer:
+    try:
+        with open(path, "rb") as f:
+            proto = f.read()
+    except OSError as e:
+        raise ConfigError(f"tokenizer {path!r}: cannot read it ({e.strerror})") from None
+    return SentencePieceTokenizer(proto, source=repr(path))
+
+
 def _load_directory(path: str) -> Tokenizer:
     meta_path = os.path.join(path, META_FILE)
     if os.path.isfile(meta_path):
@@ -444,13 +612,17 @@ def _load_directory(path: str) -> Tokenizer:
             tokenizer: Tokenizer = ByteTokenizer(num_unused=int(meta.get("num_unused", 0)))
         elif meta.get("kind") == "wordpiece":
             tokenizer = _load_tokenizer_json(os.path.join(path, "tokenizer.json"))
+        elif meta.get("kind") == "sentencepiece":
+            tokenizer = _load_sentencepiece(os.path.join(path, SENTENCEPIECE_FILE))
         else:
-            raise ConfigError(f"tokenizer {meta_path!r}: kind {meta.get('kind')!r}; expected 'wordpiece' or 'bytes'")
+            raise ConfigError(f"tokenizer {meta_path!r}: kind {meta.get('kind')!r}; expected 'wordpiece', 'bytes' "
+                              "or 'sentencepiece'")
         if meta.get("fingerprint") not in (None, tokenizer.fingerprint):
             raise ConfigError(f"tokenizer {path!r}: its files do not give the fingerprint recorded in {META_FILE} "
                               "(edited or partly written?); save the tokenizer again")
         return tokenizer
-    for name, load in (("tokenizer.json", _load_tokenizer_json), ("vocab.txt", _load_vocab_txt)):
+    for name, load in (("tokenizer.json", _load_tokenizer_json), ("vocab.txt", _load_vocab_txt),
+                       (SENTENCEPIECE_FILE, _load_sentencepiece)):
         if os.path.isfile(os.path.join(path, name)):
             return load(os.path.join(path, name))
     raise ConfigError(f"tokenizer directory {path!r} holds none of {META_FILE}, tokenizer.json, vocab.txt")
@@ -459,7 +631,8 @@ def _load_directory(path: str) -> Tokenizer:
 def load_tokenizer(path: str) -> Tokenizer:
     """The tokenizer at `path`: a directory written by `Tokenizer.save`, a Hugging Face checkpoint directory
     (tokenizer.json preferred to vocab.txt), a BERT `vocab.txt` (lowercased unless a sibling
-    tokenizer_config.json says `"do_lower_case": false`), or a WordPiece `tokenizer.json`."""
+    tokenizer_config.json says `"do_lower_case": false`), a WordPiece `tokenizer.json`, or a sentencepiece
+    `.model` with the pieces [PAD] [UNK] [CLS] [SEP] [MASK]."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return _load_directory(path)
@@ -470,7 +643,10 @@ def load_tokenizer(path: str) -> Tokenizer:
         return _load_tokenizer_json(path)
     if path.endswith(".txt"):
         return _load_vocab_txt(path)
-    raise ConfigError(f"tokenizer path {path!r} is neither a vocab.txt (one token per line) nor a tokenizer.json")
+    if path.endswith(".model"):
+        return _load_sentencepiece(path)
+    raise ConfigError(f"tokenizer path {path!r} is none of a vocab.txt (one token per line), a tokenizer.json or "
+                      "a sentencepiece .model")
 
 
 # --------------------------------------------------------------------------------------------------

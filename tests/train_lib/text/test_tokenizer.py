@@ -253,7 +253,7 @@ def test_tokenizer_json_file_and_hugging_face_directory(tmp_path, trained):
 
 @pytest.mark.parametrize("setup, message", [
     (lambda d: d / "missing.txt", "does not exist"),
-    (lambda d: (d / "weights.bin").write_bytes(b"\0") and d / "weights.bin", "neither a vocab.txt"),
+    (lambda d: (d / "weights.bin").write_bytes(b"\0") and d / "weights.bin", "is none of a vocab.txt"),
     (lambda d: tiny_vocab(d, ["[PAD]", "[UNK]", "[CLS]", "a"]), r"lacks \[SEP\] \[MASK\]"),
     (lambda d: tiny_vocab(d, SPECIALS + ["a", "b", "a"]), "appears at lines 6 and 8"),
     (lambda d: (d / "tokenizer.json").write_text("{not json") and d / "tokenizer.json", "not a Hugging Face"),
