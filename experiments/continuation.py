@@ -93,11 +93,13 @@ def _format(results, study) -> str:
     k = study.k
     lines = [f"Reviews of the {study.split} split ({results['texts']} texts), cut after each of their first "
              f"{study.max_chars} characters (leaving ≥ {k}); p(next): the true next character's probability "
-             f"(mean), bits: its mean −log₂; exact {k}: greedy decoding's next {k} characters are the text's.", "",
-             f"| model | decoding | cuts | n | p(next) | bits | exact {k} |", "|---|---|---|---|---|---|---|"]
+             f"(mean), bits: its mean −log₂; exact 1, exact {k}: greedy decoding's next 1 and {k} characters are the "
+             "text's.", "",
+             f"| model | decoding | cuts | n | p(next) | bits | exact 1 | exact {k} |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in results["rows"]:
         lines.append(f"| {row['model']} | {row['method']} | {row['cuts']} | {row['n']} | {row['p_next']:.3f} | "
-                     f"{row['bits_next']:.2f} | {100 * row[f'exact_{k}']:.1f}% |")
+                     f"{row['bits_next']:.2f} | {100 * row['exact_1']:.1f}% | {100 * row[f'exact_{k}']:.1f}% |")
     lines += ["", "| model | tokenizer | training steps | test loss per token (nats) | seconds to train |",
               "|---|---|---|---|---|"]
     for m in results["models"]:

@@ -18,7 +18,8 @@ most likely segmentation ('aligned') or falls inside a token ('mid-token'):
   forced. Sentencepiece (whose pieces are whole characters): the probability that the next token begins with
   it; healed: that the first token begins with removed text + character, plus the removed token's probability
   times the naive prediction after it, over the probability of all the tokens the healed first step allows.
-- exact_k: whether greedy decoding's first k characters (after the removed text, healed) are the text's next k.
+- exact_1, exact_k: whether greedy decoding's first character, and its first k characters (after the removed
+  text, healed), are the text's next ones.
 """
 from __future__ import annotations
 
@@ -63,13 +64,27 @@ def cuts_of(text: str, *, k: int, max_chars: int) -> range:
     return range(1, min(len(text) - k, max_chars) + 1)
 
 
+def max_new_tokens(tokenizer, k: int, heal: bool) -> int:
+    """Decoding steps that surely hold k characters: 4 bytes a character, or a piece each (+1: the healed token)."""
+    return k * (4 if tokenizer.kind == "bytes" else 1) + (1 if heal else 0)
+
+
+def longest_sequence(tokenizer, texts, *, k: int, max_chars: int) -> int:
+    """The most positions a prompt ([CLS] included) and its greedy continuation take."""
+    heal = tokenizer.kind != "bytes"
+    return max(1 + len(tokenizer.encode(text[:min(len(text) - k, max_chars)])) for text in texts) + max_new_tokens(
+        tokenizer, k, heal)
+
+
 def _boundaries(tokenizer, text: str) -> set[int]:
     _, starts = tokenizer.encode_with_starts(text)
     return set(starts) | {len(text)}
 
 
-def _forward(task):
-    """jit (params, tokens `[b, L]` right-padded, lengths `[b]`) → log-probabilities `[b, L, V]` (causal mask)."""
+def _forward(task, what: str):
+    """jit (params, tokens `[b, L]` right-padded, lengths `[b]`) → under the causal mask, gathered on the device
+    (the full `[b, L, V]` log-probabilities never leave it): 'targets' → log p(token t+1 | ..t) `[b, L-1]`;
+    'ends' → the log-probabilities after the whole row and after all but its last token, each `[b, V]`."""
     import jax
     import jax.numpy as jnp
 
@@ -79,7 +94,11 @@ def _forward(task):
         valid = jnp.arange(tokens.shape[1])[None] < lengths[:, None]
         mask = masks_lib.mask_from_tokens("causal", padding_mask=valid)
         logits = task.model.logits(params["encoder"], tokens, attention_mask=mask)
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        if what == "targets":
+            return jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]
+        rows = jnp.arange(tokens.shape[0])
+        return logp[rows, lengths - 1], logp[rows, jnp.maximum(lengths - 2, 0)]
 
     return jax.jit(fn)
 
@@ -102,16 +121,16 @@ def next_char_probabilities(task, params, texts, *, k: int, max_chars: int, batc
     from train_lib.text import decoding
 
     tok = task.tokenizer
-    forward = _forward(task)
     out = {}
     if tok.kind == "bytes":  # one teacher-forced pass per text gives every cut
+        forward = _forward(task, "targets")
         for start in range(0, len(texts), batch_size):
             chunk = texts[start:start + batch_size]
             rows = [[tok.cls_id] + tok.encode(t[:max_chars + 1]) for t in chunk]
             tokens, lengths = _right_pad(rows, tok.pad_id)
-            logp = np.asarray(jax.device_get(forward(params, tokens, lengths)))
+            targets = np.asarray(jax.device_get(forward(params, tokens, lengths)), np.float64)
             for j, text in enumerate(chunk):
-                target = logp[j, np.arange(len(rows[j]) - 1), np.asarray(rows[j][1:])]  # log p(byte t+1 | ..t)
+                target = targets[j]  # log p(byte t+1 | ..t)
                 byte_at = np.cumsum([0] + [len(ch.encode("utf-8")) for ch in text[:max_chars + 1]])
                 for c in cuts_of(text, k=k, max_chars=max_chars):
                     out[(start + j, c)] = {"naive": float(np.exp(target[byte_at[c]:byte_at[c + 1]].sum()))}
@@ -119,21 +138,22 @@ def next_char_probabilities(task, params, texts, *, k: int, max_chars: int, batc
     if tok.kind != "sentencepiece":
         raise ConfigError(f"{COMMAND}: tokenizer kind {tok.kind!r}; this measures 'bytes' and 'sentencepiece' models")
     healer = decoding.TokenHealer(tok.token_bytes())
+    forward = _forward(task, "ends")
     prompts = [(i, c, [tok.cls_id] + tok.encode(text[:c])) for i, text in enumerate(texts)
                for c in cuts_of(text, k=k, max_chars=max_chars)]
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         tokens, lengths = _right_pad([p for _, _, p in chunk], tok.pad_id)
-        logp = np.asarray(jax.device_get(forward(params, tokens, lengths)))
+        after_all, after_prefix = (np.asarray(x, np.float64) for x in jax.device_get(forward(params, tokens, lengths)))
         for j, (i, c, prompt) in enumerate(chunk):
             char = texts[i][c].encode("utf-8")
-            p_last = np.exp(logp[j, len(prompt) - 1])  # after the whole prompt
+            p_last = np.exp(after_all[j])  # after the whole prompt
             naive = float(p_last[healer.extending(char)].sum())
             prefix, removed = healer.heal(prompt)
             if not removed:
                 out[(i, c)] = {"naive": naive, "healed": naive}
                 continue
-            p_prev = np.exp(logp[j, len(prefix) - 1])  # after the prompt without its last token
+            p_prev = np.exp(after_prefix[j])  # after the prompt without its last token
             allowed = p_prev[healer.extending(removed)].sum()
             longer = p_prev[healer.extending(removed + char)].sum()
             healed = (longer + p_prev[prompt[-1]] * naive) / allowed
@@ -141,8 +161,8 @@ def next_char_probabilities(task, params, texts, *, k: int, max_chars: int, batc
     return out
 
 
-def greedy_matches(task, params, texts, *, k: int, max_chars: int, batch_size: int, heal: bool):
-    """{(text index, cut): whether the first k greedy characters (after the removed text) are the text's}."""
+def greedy_continuations(task, params, texts, *, k: int, max_chars: int, batch_size: int, heal: bool):
+    """{(text index, cut): the first k characters greedy decoding writes (after the removed text, healed)}."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -151,8 +171,7 @@ def greedy_matches(task, params, texts, *, k: int, max_chars: int, batch_size: i
     tok = task.tokenizer
     token_bytes = tok.token_bytes()
     healer = decoding.TokenHealer(token_bytes) if heal else None
-    per_char = 4 if tok.kind == "bytes" else 1  # tokens that surely hold k characters (+1: the healed token)
-    max_new = k * per_char + (1 if heal else 0)
+    max_new = max_new_tokens(tok, k, heal)
     prompts = [(i, c, [tok.cls_id] + tok.encode(text[:c])) for i, text in enumerate(texts)
                for c in cuts_of(text, k=k, max_chars=max_chars)]
     out = {}
@@ -182,13 +201,19 @@ def greedy_matches(task, params, texts, *, k: int, max_chars: int, batch_size: i
             if not text_bytes.startswith(removed[j]):
                 raise AssertionError(f"token healing generated {text_bytes[:20]!r}, not starting with {removed[j]!r}")
             continuation = text_bytes[len(removed[j]):].decode("utf-8", errors="replace")
-            out[(i, c)] = continuation[:k] == texts[i][c:c + k]
+            out[(i, c)] = continuation[:k]
     return out
 
 
+def greedy_matches(task, params, texts, *, k: int, max_chars: int, batch_size: int, heal: bool):
+    """{(text index, cut): whether the first k greedy characters (after the removed text) are the text's}."""
+    got = greedy_continuations(task, params, texts, k=k, max_chars=max_chars, batch_size=batch_size, heal=heal)
+    return {(i, c): text == texts[i][c:c + k] for (i, c), text in got.items()}
+
+
 def evaluate(task, params, texts, *, k: int, max_chars: int, batch_size: int) -> list[dict]:
-    """Rows {'method', 'cuts', 'n', 'p_next', 'bits_next', f'exact_{k}', 'seconds'} for 'aligned', 'mid-token'
-    and 'all' cuts; methods 'naive' and (sentencepiece) 'healed'."""
+    """Rows {'method', 'cuts', 'n', 'p_next', 'bits_next', 'exact_1', f'exact_{k}', 'seconds'} for 'aligned',
+    'mid-token' and 'all' cuts; methods 'naive' and (sentencepiece) 'healed'."""
     start = time.perf_counter()
     kinds = {}
     for i, text in enumerate(texts):
@@ -197,8 +222,8 @@ def evaluate(task, params, texts, *, k: int, max_chars: int, batch_size: int) ->
             kinds[(i, c)] = "aligned" if c in bounds else "mid-token"
     probs = next_char_probabilities(task, params, texts, k=k, max_chars=max_chars, batch_size=batch_size)
     methods = ["naive"] + (["healed"] if task.tokenizer.kind != "bytes" else [])
-    matches = {m: greedy_matches(task, params, texts, k=k, max_chars=max_chars, batch_size=batch_size,
-                                 heal=m == "healed") for m in methods}
+    written = {m: greedy_continuations(task, params, texts, k=k, max_chars=max_chars, batch_size=batch_size,
+                                       heal=m == "healed") for m in methods}
     seconds = time.perf_counter() - start
     rows = []
     for method in methods:
@@ -207,9 +232,11 @@ def evaluate(task, params, texts, *, k: int, max_chars: int, batch_size: int) ->
             if not keys:
                 continue
             p = [max(probs[key][method], 1e-30) for key in keys]
-            rows.append({"method": method, "cuts": which, "n": len(keys), "p_next": sum(p) / len(p),
-                         "bits_next": -sum(math.log2(x) for x in p) / len(p),
-                         f"exact_{k}": sum(matches[method][key] for key in keys) / len(keys), "seconds": seconds})
+            row = {"method": method, "cuts": which, "n": len(keys), "p_next": sum(p) / len(p),
+                   "bits_next": -sum(math.log2(x) for x in p) / len(p)}
+            for n in sorted({1, k}):
+                row[f"exact_{n}"] = sum(written[method][(i, c)][:n] == texts[i][c:c + n] for i, c in keys) / len(keys)
+            rows.append({**row, "seconds": seconds})
     return rows
 
 
@@ -233,11 +260,18 @@ def main(argv: list[str]) -> None:
         if run.config.task != "conditional_lm" or run.task.settings.condition != "none":
             raise ConfigError(f"--workdir {f.workdir!r} holds task {run.config.task!r}; {COMMAND} measures a plain "
                               "causal LM: task 'conditional_lm' with conditional.condition='none'")
-        if run.task.seq_len < f.max_chars * (4 if run.task.tokenizer.kind == "bytes" else 1) // 2:
-            print(f"# note: prompts of {f.max_chars} characters may exceed the training length {run.task.seq_len}")
         texts = eligible_texts(run.task, f.split, k=f.k, max_texts=f.max_texts)
         if not texts:
-            raise ConfigError(f"--split {f.split}: no text longer than --k={f.k} characters")
+            raise ConfigError(f"--split {f.split}: no text longer than --k={f.k} characters whose characters all "
+                              "occur in the train split")
+        longest = longest_sequence(run.task.tokenizer, texts, k=f.k, max_chars=f.max_chars)
+        limit = run.task.model.max_positions
+        if limit is not None and longest > limit:
+            raise ConfigError(f"--max_chars={f.max_chars}: prompts and continuations reach {longest} tokens, beyond "
+                              f"the model's {limit} positions; use a smaller --max_chars or --k")
+        if longest > run.task.seq_len:
+            print(f"# note: prompts and continuations reach {longest} tokens, beyond the training length "
+                  f"{run.task.seq_len}")
         print(f"# checkpoint step {run.step} ({'EMA' if run.ema else 'raw'} parameters), {run.task.tokenizer.kind} "
               f"tokenizer ({run.task.tokenizer.vocab_size} tokens), {len(texts)} texts of split {f.split}")
         rows = evaluate(run.task, run.params, texts, k=f.k, max_chars=f.max_chars, batch_size=f.batch_size)

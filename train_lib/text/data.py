@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import sys
 
@@ -66,7 +67,7 @@ def training_texts(settings: DataSettings, fields: tuple[str, ...]) -> tuple[lis
     fields = fields or ("text",)
     texts = [r[f] for r in load_records(settings, "train", fields) for f in fields]
     if settings.corpus == "jsonl":
-        fingerprint = "jsonl " + hashlib.sha256("\n".join(texts).encode("utf-8")).hexdigest()
+        fingerprint = "jsonl " + hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8")).hexdigest()
     else:
         fingerprint = corpora.load_corpus(settings.corpus).fingerprint
     return texts, f"{fingerprint} {' '.join(fields)}"

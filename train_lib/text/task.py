@@ -96,8 +96,11 @@ def _trained_sentencepiece(vocab_size: int, num_unused: int, corpus_texts) -> to
                          f"{tokenizer_lib.SENTENCEPIECE_TRAINER_VERSION}".encode()).hexdigest()
     cached = corpora.read_cache("sentencepiece", key)
     if cached is not None:
-        tokenizer = tokenizer_lib.SentencePieceTokenizer(base64.b64decode(cached["model"]))
-        if tokenizer.fingerprint == cached["fingerprint"]:
+        try:
+            tokenizer = tokenizer_lib.SentencePieceTokenizer(base64.b64decode(cached["model"]))
+        except (ConfigError, KeyError, TypeError, ValueError):
+            tokenizer = None  # a damaged cache entry: train again and overwrite it
+        if tokenizer is not None and tokenizer.fingerprint == cached.get("fingerprint"):
             return tokenizer
     tokenizer = tokenizer_lib.train_sentencepiece(texts, vocab_size=vocab_size, num_unused=num_unused)
     corpora.write_cache("sentencepiece", key, {"model": base64.b64encode(tokenizer._proto).decode("ascii"),
@@ -133,7 +136,8 @@ def resolve_tokenizer(settings: TokenizerSettings, init_from: str,
     if settings.path:
         if not os.path.exists(settings.path):
             raise ConfigError(f"config: 'tokenizer.path' {settings.path!r} does not exist; give a vocab.txt, a "
-                              "tokenizer.json or a directory holding one, or '' to train one on the embedded corpus")
+                              "tokenizer.json, a sentencepiece .model or a directory holding one, or '' to train "
+                              "one (WordPiece on the embedded corpus, sentencepiece on data.corpus)")
         tokenizer = tokenizer_lib.load_tokenizer(settings.path)
         if pretrained is not None and pretrained.fingerprint != tokenizer.fingerprint:
             raise ConfigError(f"config: 'tokenizer.path' {settings.path!r} is not the vocabulary of init_from "

@@ -80,7 +80,7 @@ class Tokenizer(abc.ABC):
 
     def token_bytes(self) -> list[bytes | None]:
         """Per id, the UTF-8 bytes the token adds to the decoded text (None for special tokens): what token
-        healing (`train_lib.text.decoding.token_healing`) matches the prompt's removed text against."""
+        healing (`train_lib.text.decoding.TokenHealer`) matches the prompt's removed text against."""
         raise NotImplementedError(f"{type(self).__name__} has no token_bytes(); token healing needs the bytes or "
                                   "sentencepiece tokenizer")
 
@@ -166,7 +166,8 @@ def _check_specials(has: Callable[[str], bool], source: str) -> None:
     missing = [t for t in SPECIAL_TOKENS if not has(t)]
     if missing:
         raise ConfigError(f"tokenizer {source}: the vocabulary lacks {' '.join(missing)}; a BERT vocabulary needs "
-                          f"all of {' '.join(SPECIAL_TOKENS)}")
+                          f"all of {' '.join(SPECIAL_TOKENS)} (a sentencepiece model: train one with "
+                          "tokenizer.kind='sentencepiece', tokenizer.path='')")
 
 
 def _splits_like_bert(config: dict) -> bool:
@@ -321,6 +322,30 @@ SENTENCEPIECE_TRAINER_VERSION = "train_sentencepiece/v1"  # keys cached vocabula
 _UNK_PENALTY = 10.0  # sentencepiece's kUnkPenalty: an unknown character scores min_score - 10
 
 
+def _check_sentencepiece_settings(proto: bytes, source: str) -> None:
+    """Refuses a model whose segmentation this class does not reproduce: `sample_encode`'s lattice, the offsets
+    and `decode(encode(text)) == text` assume a unigram model over the raw text (identity normaliser, no dummy
+    prefix, whitespace kept, no byte fallback)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    try:
+        model.ParseFromString(proto)
+    except Exception:  # google.protobuf.message.DecodeError
+        raise ConfigError(f"tokenizer {source}: not a sentencepiece model (the file does not parse as a "
+                          "ModelProto)") from None
+    norm, trainer = model.normalizer_spec, model.trainer_spec
+    wrong = [what for what, bad in (
+        ("a unigram model", trainer.model_type != sentencepiece_model_pb2.TrainerSpec.UNIGRAM),
+        ("the identity normaliser", norm.name not in ("identity", "") or bool(norm.precompiled_charsmap)),
+        ("no dummy prefix", norm.add_dummy_prefix), ("extra whitespace kept", norm.remove_extra_whitespaces),
+        ("no byte fallback", trainer.byte_fallback)) if bad]
+    if wrong:
+        raise ConfigError(f"tokenizer {source}: this sentencepiece model is not what the text family reads; it needs "
+                          f"{', '.join(wrong)}. Train one on your corpus: tokenizer.kind='sentencepiece', "
+                          "tokenizer.path=''")
+
+
 class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model (Kudo & Richardson, arXiv 1808.06226) behind the `Tokenizer` interface.
 
@@ -339,6 +364,7 @@ class SentencePieceTokenizer(Tokenizer):
         import sentencepiece
 
         self._proto = bytes(model_proto)
+        _check_sentencepiece_settings(self._proto, source)
         try:
             self.processor = sentencepiece.SentencePieceProcessor(model_proto=self._proto)
         except Exception as e:  # RuntimeError on a file that is not a ModelProto
@@ -378,8 +404,9 @@ class SentencePieceTokenizer(Tokenizer):
         return ids, starts
 
     def segmentation_log_weights(self, text: str) -> list[list[tuple[int, int, float]]]:
-        """edges[j] = [(i, id, score)]: the pieces that cover `text[i:j]` (an unknown single character gets the
-        unknown token at sentencepiece's penalty), the lattice that both `sample_encode` and the tests read."""
+        """edges[j] = [(i, id, score)]: the pieces that cover `text[i:j]` (a character that is not a piece by
+        itself gets the unknown token at sentencepiece's penalty), the lattice `sample_encode` samples from."""
+        text = text.replace("\u2581", " ")  # sentencepiece reads a literal '▁' as the space it stands for
         edges: list[list[tuple[int, int, float]]] = [[] for _ in range(len(text) + 1)]
         for i in range(len(text)):
             found_single = False
@@ -411,7 +438,8 @@ class SentencePieceTokenizer(Tokenizer):
                 total += math.exp(forward[i] + alpha * score - forward[j])
                 if u < total:
                     break
-            ids.append(token)
+            if not (token == self.unk_id and ids and ids[-1] == self.unk_id):
+                ids.append(token)  # a run of unknown characters is one [UNK], as sentencepiece's encode has it
             j = i
         return ids[::-1]
 
@@ -446,6 +474,9 @@ def train_sentencepiece(texts: Iterable[str], *, vocab_size: int, num_unused: in
     import sentencepiece
 
     texts = [t for t in texts if t]
+    if not texts:
+        raise ConfigError("config: tokenizer.kind 'sentencepiece' has no text to train on: the corpus' train split "
+                          "is empty; check data.corpus and data.path, or set tokenizer.path to a .model")
     out = io.BytesIO()
     try:
         sentencepiece.SentencePieceTrainer.train(
@@ -625,7 +656,8 @@ def _load_directory(path: str) -> Tokenizer:
                        (SENTENCEPIECE_FILE, _load_sentencepiece)):
         if os.path.isfile(os.path.join(path, name)):
             return load(os.path.join(path, name))
-    raise ConfigError(f"tokenizer directory {path!r} holds none of {META_FILE}, tokenizer.json, vocab.txt")
+    raise ConfigError(f"tokenizer directory {path!r} holds none of {META_FILE}, tokenizer.json, vocab.txt, "
+                      f"{SENTENCEPIECE_FILE}")
 
 
 def load_tokenizer(path: str) -> Tokenizer:
@@ -637,8 +669,8 @@ def load_tokenizer(path: str) -> Tokenizer:
     if os.path.isdir(path):
         return _load_directory(path)
     if not os.path.exists(path):
-        raise ConfigError(f"tokenizer path {path!r} does not exist; give a vocab.txt, a tokenizer.json or a "
-                          "directory holding one")
+        raise ConfigError(f"tokenizer path {path!r} does not exist; give a vocab.txt, a tokenizer.json, a "
+                          "sentencepiece .model or a directory holding one")
     if path.endswith(".json"):
         return _load_tokenizer_json(path)
     if path.endswith(".txt"):

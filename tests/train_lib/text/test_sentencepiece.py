@@ -106,10 +106,28 @@ def test_sampling_covers_unknown_characters_and_is_reproducible():
     text = "我们X喜欢"
     a = tok.sample_encode(text, alpha=0.1, rng=np.random.default_rng([3, 7]))
     assert tok.unk_id in a and a == tok.sample_encode(text, alpha=0.1, rng=np.random.default_rng([3, 7]))
+    # a run of unknown characters is one [UNK], and a literal '▁' is a space, as in sentencepiece's encode
+    for text in ("XYZ我们", "我们\u2581ok", "好书\u2581\u2581 XY"):
+        assert tok.sample_encode(text, alpha=500.0, rng=np.random.default_rng(0)) == tok.encode(text)
     with pytest.raises(ValueError, match="alpha must be positive"):
         tok.sample_encode(text, alpha=0.0, rng=np.random.default_rng(0))
+
+
+def test_models_it_cannot_reproduce_are_refused(tmp_path):
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(small_tokenizer()._proto)
+    proto.normalizer_spec.add_dummy_prefix = True
+    proto.trainer_spec.byte_fallback = True
+    path = tmp_path / "dummy_prefix.model"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(ConfigError, match=r"dummy_prefix.model.*needs no dummy prefix, no byte fallback\. Train one"):
+        tokenizer_lib.load_tokenizer(str(path))
 
 
 def test_vocabulary_smaller_than_the_alphabet_is_a_config_error():
     with pytest.raises(ConfigError, match="tokenizer.vocab_size.*120"):
         tokenizer_lib.train_sentencepiece([chr(0x4e00 + i) * 3 for i in range(300)], vocab_size=120)
+    with pytest.raises(ConfigError, match="no text to train on.*data.corpus"):
+        tokenizer_lib.train_sentencepiece(["", ""], vocab_size=120)
