@@ -143,6 +143,7 @@ def test_stop_and_resume_is_exact_and_the_evaluate_cli_reads_the_model_state(tmp
     assert wrong.returncode == 2 and "--temperatures must be positive" in wrong.stderr
 
 
+@pytest.mark.slow  # ~40 s; batch norm over a sharded global batch is also tested by the siamese family
 def test_sharded_mesh_matches_single_device(tmp_path):
     """8 devices (batch over data × fsdp, model replicated) train like 1: batch norm's statistics and KL
     balancing's coefficients are over the global batch."""

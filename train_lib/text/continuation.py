@@ -47,6 +47,8 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 128, "Prompts per model call.")
     flags.DEFINE_string("output", None, "Also write the rows as JSON to this file.")
     flags.DEFINE_bool("use_ema", True, "Use the EMA parameters when the run kept them.")
+    flags.DEFINE_string("boundaries_from", None, "Split the cuts into aligned / mid-token by this tokenizer (a "
+                        "workdir's tokenizer/ directory or a .model) instead of the model's own.")
 
 
 def eligible_texts(task, split: str, *, k: int, max_texts: int) -> list[str]:
@@ -211,13 +213,15 @@ def greedy_matches(task, params, texts, *, k: int, max_chars: int, batch_size: i
     return {(i, c): text == texts[i][c:c + k] for (i, c), text in got.items()}
 
 
-def evaluate(task, params, texts, *, k: int, max_chars: int, batch_size: int) -> list[dict]:
+def evaluate(task, params, texts, *, k: int, max_chars: int, batch_size: int, boundaries=None) -> list[dict]:
     """Rows {'method', 'cuts', 'n', 'p_next', 'bits_next', 'exact_1', f'exact_{k}', 'seconds'} for 'aligned',
-    'mid-token' and 'all' cuts; methods 'naive' and (sentencepiece) 'healed'."""
+    'mid-token' and 'all' cuts; methods 'naive' and (sentencepiece) 'healed'. A cut is 'aligned' where the
+    most likely segmentation by `boundaries` (a tokenizer; default the model's own) has a token boundary, so a
+    byte model's cuts can be split by a large vocabulary's words."""
     start = time.perf_counter()
     kinds = {}
     for i, text in enumerate(texts):
-        bounds = _boundaries(task.tokenizer, text)
+        bounds = _boundaries(boundaries or task.tokenizer, text)
         for c in cuts_of(text, k=k, max_chars=max_chars):
             kinds[(i, c)] = "aligned" if c in bounds else "mid-token"
     probs = next_char_probabilities(task, params, texts, k=k, max_chars=max_chars, batch_size=batch_size)
@@ -274,7 +278,12 @@ def main(argv: list[str]) -> None:
                   f"{run.task.seq_len}")
         print(f"# checkpoint step {run.step} ({'EMA' if run.ema else 'raw'} parameters), {run.task.tokenizer.kind} "
               f"tokenizer ({run.task.tokenizer.vocab_size} tokens), {len(texts)} texts of split {f.split}")
-        rows = evaluate(run.task, run.params, texts, k=f.k, max_chars=f.max_chars, batch_size=f.batch_size)
+        boundaries = None
+        if f.boundaries_from:
+            from train_lib.text import tokenizer as tokenizer_lib
+            boundaries = tokenizer_lib.load_tokenizer(f.boundaries_from)
+        rows = evaluate(run.task, run.params, texts, k=f.k, max_chars=f.max_chars, batch_size=f.batch_size,
+                        boundaries=boundaries)
         print(evaluate_lib.format_table(rows))
         if f.output:
             pathlib.Path(f.output).write_text(json.dumps(rows, indent=2) + "\n")

@@ -201,8 +201,15 @@ def test_evaluate_rows_split_aligned_and_mid_token_cuts(data_dir):
         for c in ("aligned", "all"):  # getting two characters right gets the first right
             assert 0 <= by[(m, c)]["exact_2"] <= by[(m, c)]["exact_1"] <= 1 and 0 < by[(m, c)]["p_next"] <= 1
     byte_task = make_task(data_dir, "bytes")
-    rows = continuation.evaluate(byte_task, random_params(byte_task), texts, k=2, max_chars=6, batch_size=8)
+    byte_params = random_params(byte_task)
+    rows = continuation.evaluate(byte_task, byte_params, texts, k=2, max_chars=6, batch_size=8)
     assert [(r["method"], r["cuts"]) for r in rows] == [("naive", "aligned"), ("naive", "all")]
+    split = continuation.evaluate(byte_task, byte_params, texts, k=2, max_chars=6, batch_size=8,
+                                  boundaries=task.tokenizer)  # the byte model's cuts by the vocabulary's words
+    assert [(r["method"], r["cuts"], r["n"]) for r in split] == [
+        ("naive", "aligned", by[("naive", "aligned")]["n"]), ("naive", "mid-token", by[("naive", "mid-token")]["n"]),
+        ("naive", "all", rows[1]["n"])]
+    assert split[2]["p_next"] == pytest.approx(rows[1]["p_next"])
 
 
 def test_sampled_segmentations_reach_the_training_stream_reproducibly(data_dir):
