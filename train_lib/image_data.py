@@ -112,6 +112,23 @@ DATASETS = {
     "digits": lambda directory=None: load_digits(),
     "cifar10": lambda directory=None: load_cifar10(directory),
 }
+# Image shapes and grey levels of the datasets, known before any file is read (the trainer needs shapes first).
+IMAGE_SHAPES = {"digits": (8, 8, 1), "cifar10": (32, 32, 3)}
+LEVELS = {"digits": 17, "cifar10": 256}
+
+
+def check_dataset(name: str, path: str) -> str:
+    """`name` (the config's `data.dataset`), checked against `data.path`: CIFAR-10 is read from the directory
+    `path`, digits are bundled with scikit-learn and take none."""
+    if name not in IMAGE_SHAPES:
+        raise ConfigError(f"config: 'data.dataset' is {name!r}; expected one of {sorted(IMAGE_SHAPES)}")
+    if name == "cifar10" and not path:
+        raise ConfigError("config: 'data.path' must name the directory of CIFAR-10's Python pickle batches "
+                          "(cifar-10-batches-py) for data.dataset='cifar10'; nothing is downloaded")
+    if name == "digits" and path:
+        raise ConfigError(f"config: data.dataset='digits' is bundled with scikit-learn and reads no 'data.path' "
+                          f"(got {path!r}); set data.path='' or data.dataset='cifar10'")
+    return name
 
 
 def load_image_dataset(name: str, directory: str | None = None) -> ImageDataset:

@@ -35,9 +35,7 @@ from train_lib import config_lib, flops, image_data
 from train_lib.config_lib import ConfigError
 from train_lib.task import TaskBase
 
-# Image shapes and grey levels of the datasets, known before any file is read (the trainer needs shapes first).
-IMAGE_SHAPES = {"digits": (8, 8, 1), "cifar10": (32, 32, 3)}
-LEVELS = {"digits": 17, "cifar10": 256}
+IMAGE_SHAPES, LEVELS = image_data.IMAGE_SHAPES, image_data.LEVELS
 # Samplers whose NLL needs nothing but the network: the analytic ones need Γ (train_lib.diffusion.sample
 # estimates and caches it) and DDIM's needs η > 0.
 EVAL_NLL_METHODS = ("ddpm_beta", "ddpm_beta_tilde")
@@ -47,15 +45,7 @@ def dataset_name(config) -> str:
     """`data.dataset` ('digits', bundled with scikit-learn, or 'cifar10', read from the directory `data.path`);
     a config without the key means 'digits' for `data.path` '' and 'cifar10' otherwise."""
     path = config.data.path
-    name = config.data.get("dataset", "") or ("cifar10" if path else "digits")
-    _check("data.dataset", name, IMAGE_SHAPES)
-    if name == "cifar10" and not path:
-        raise ConfigError("config: 'data.path' must name the directory of CIFAR-10's Python pickle batches "
-                          "(cifar-10-batches-py) for data.dataset='cifar10'; nothing is downloaded")
-    if name == "digits" and path:
-        raise ConfigError(f"config: data.dataset='digits' is bundled with scikit-learn and reads no 'data.path' "
-                          f"(got {path!r}); set data.path='' or data.dataset='cifar10'")
-    return name
+    return image_data.check_dataset(config.data.get("dataset", "") or ("cifar10" if path else "digits"), path)
 
 
 def unet_config(config, image_shape: tuple[int, int, int]) -> unet_lib.UNetConfig:

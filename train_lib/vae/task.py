@@ -44,8 +44,7 @@ from train_lib import config_lib, image_data
 from train_lib.config_lib import ConfigError
 from train_lib.task import TaskBase
 
-IMAGE_SHAPES = {"digits": (8, 8, 1), "cifar10": (32, 32, 3)}
-LEVELS = {"digits": 17, "cifar10": 256}
+IMAGE_SHAPES, LEVELS = image_data.IMAGE_SHAPES, image_data.LEVELS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,17 +71,8 @@ class SampleSettings:
 
 
 def dataset_name(config) -> str:
-    name = config_lib.typed(config, "data.dataset", str)
-    if name not in IMAGE_SHAPES:
-        raise ConfigError(f"config: 'data.dataset' is {name!r}; expected one of {sorted(IMAGE_SHAPES)}")
-    path = config_lib.typed(config, "data.path", str)
-    if name == "cifar10" and not path:
-        raise ConfigError("config: 'data.path' must name the directory of CIFAR-10's Python pickle batches "
-                          "(cifar-10-batches-py) for data.dataset='cifar10'; nothing is downloaded")
-    if name == "digits" and path:
-        raise ConfigError(f"config: data.dataset='digits' is bundled with scikit-learn and reads no 'data.path' "
-                          f"(got {path!r}); set data.path='' or data.dataset='cifar10'")
-    return name
+    return image_data.check_dataset(config_lib.typed(config, "data.dataset", str),
+                                    config_lib.typed(config, "data.path", str))
 
 
 def kl_coefficient(step, settings: VAESettings):
