@@ -1,6 +1,7 @@
 """Continuing a prompt cut at any character: a large vocabulary's gap and token healing (post 9762).
 
   python -m train_lib.text.continuation --workdir=DIR --split=test --max_texts=300 --k=4
+  python -m train_lib.text.continuation --workdir=DIR --prompt="这本书的内" --prompt="质量很"   # continue, both ways
 
 Su, "大词表语言模型在续写任务上的一个问题及对策" (https://kexue.fm/archives/9762): a language model whose tokenizer
 merges words and phrases into single tokens sees, in training, a text's most likely segmentation only; a prompt
@@ -47,6 +48,9 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 128, "Prompts per model call.")
     flags.DEFINE_string("output", None, "Also write the rows as JSON to this file.")
     flags.DEFINE_bool("use_ema", True, "Use the EMA parameters when the run kept them.")
+    flags.DEFINE_multi_string("prompt", None, "Instead of measuring: print each prompt's greedy continuation, naive "
+                              "and token-healed (repeat the flag for several prompts).")
+    flags.DEFINE_integer("max_new_tokens", 32, "With --prompt: tokens to generate.")
     flags.DEFINE_string("boundaries_from", None, "Split the cuts into aligned / mid-token by this tokenizer (a "
                         "workdir's tokenizer/ directory or a .model) instead of the model's own.")
 
@@ -163,8 +167,11 @@ def next_char_probabilities(task, params, texts, *, k: int, max_chars: int, batc
     return out
 
 
-def greedy_continuations(task, params, texts, *, k: int, max_chars: int, batch_size: int, heal: bool):
-    """{(text index, cut): the first k characters greedy decoding writes (after the removed text, healed)}."""
+def continue_prompts(task, params, prompts: list[list[int]], *, max_new: int, heal: bool, batch_size: int
+                     ) -> list[str]:
+    """The greedy continuation of each prompt (token ids, [CLS] first) as text: with `heal`, the prompt's last
+    token is backed off and the text after the removed text is returned. Rows are padded to `batch_size` and
+    the prefix width to a multiple of 16, so a long evaluation compiles a few programs only."""
     import jax.numpy as jnp
     import numpy as np
 
@@ -173,18 +180,15 @@ def greedy_continuations(task, params, texts, *, k: int, max_chars: int, batch_s
     tok = task.tokenizer
     token_bytes = tok.token_bytes()
     healer = decoding.TokenHealer(token_bytes) if heal else None
-    max_new = max_new_tokens(tok, k, heal)
-    prompts = [(i, c, [tok.cls_id] + tok.encode(text[:c])) for i, text in enumerate(texts)
-               for c in cuts_of(text, k=k, max_chars=max_chars)]
-    out = {}
     lm = task.cached_lm(0)
+    out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         if heal:
-            healed = [healer.heal(p) for _, _, p in chunk]
+            healed = [healer.heal(p) for p in chunk]
             rows, removed = [h[0] for h in healed], [h[1] for h in healed]
         else:
-            rows, removed = [p for _, _, p in chunk], [b""] * len(chunk)
+            rows, removed = list(chunk), [b""] * len(chunk)
         pad = batch_size - len(rows)  # one batch shape: one compilation
         rows, removed = rows + [rows[-1]] * pad, removed + [removed[-1]] * pad
         processor = decoding.allow_only_at_first_step(healer.allowed_mask(removed)) if heal else None
@@ -197,14 +201,23 @@ def greedy_continuations(task, params, texts, *, k: int, max_chars: int, batch_s
                                  mask_kind="causal", target_segment=0, max_new_tokens=max_new, end_id=tok.sep_id,
                                  logits_processor=processor)
         generated = np.asarray(result.tokens)
-        for j, (i, c, _) in enumerate(chunk):
+        for j in range(len(chunk)):
             ids = [int(t) for t in generated[j] if t != tok.sep_id]
             text_bytes = b"".join(token_bytes[t] or b"" for t in ids)
             if not text_bytes.startswith(removed[j]):
                 raise AssertionError(f"token healing generated {text_bytes[:20]!r}, not starting with {removed[j]!r}")
-            continuation = text_bytes[len(removed[j]):].decode("utf-8", errors="replace")
-            out[(i, c)] = continuation[:k]
+            out.append(text_bytes[len(removed[j]):].decode("utf-8", errors="replace"))
     return out
+
+
+def greedy_continuations(task, params, texts, *, k: int, max_chars: int, batch_size: int, heal: bool):
+    """{(text index, cut): the first k characters greedy decoding writes (after the removed text, healed)}."""
+    tok = task.tokenizer
+    cuts = [(i, c) for i, text in enumerate(texts) for c in cuts_of(text, k=k, max_chars=max_chars)]
+    prompts = [[tok.cls_id] + tok.encode(texts[i][:c]) for i, c in cuts]
+    written = continue_prompts(task, params, prompts, max_new=max_new_tokens(tok, k, heal), heal=heal,
+                               batch_size=batch_size)
+    return {cut: text[:k] for cut, text in zip(cuts, written)}
 
 
 def greedy_matches(task, params, texts, *, k: int, max_chars: int, batch_size: int, heal: bool):
@@ -252,7 +265,7 @@ def main(argv: list[str]) -> None:
         cli.fail("--workdir is required")
     if f.split not in SPLITS:
         cli.fail(f"--split must be one of {', '.join(SPLITS)}, got {f.split!r}")
-    for name in ("k", "max_chars", "batch_size"):
+    for name in ("k", "max_chars", "batch_size", "max_new_tokens"):
         if getattr(f, name) < 1:
             cli.fail(f"--{name} must be at least 1, got {getattr(f, name)}")
 
@@ -264,6 +277,16 @@ def main(argv: list[str]) -> None:
         if run.config.task != "conditional_lm" or run.task.settings.condition != "none":
             raise ConfigError(f"--workdir {f.workdir!r} holds task {run.config.task!r}; {COMMAND} measures a plain "
                               "causal LM: task 'conditional_lm' with conditional.condition='none'")
+        if f.prompt:
+            tok = run.task.tokenizer
+            prompts = [[tok.cls_id] + tok.encode(p) for p in f.prompt]
+            naive = continue_prompts(run.task, run.params, prompts, max_new=f.max_new_tokens, heal=False,
+                                     batch_size=len(prompts))
+            healed = (continue_prompts(run.task, run.params, prompts, max_new=f.max_new_tokens + 1, heal=True,
+                                       batch_size=len(prompts)) if tok.kind == "sentencepiece" else naive)
+            for text, a, b in zip(f.prompt, naive, healed):
+                print(f"{text!r}\n  naive:  {text}|{a}\n  healed: {text}|{b}")
+            return
         texts = eligible_texts(run.task, f.split, k=f.k, max_texts=f.max_texts)
         if not texts:
             raise ConfigError(f"--split {f.split}: no text longer than --k={f.k} characters whose characters all "

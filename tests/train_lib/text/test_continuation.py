@@ -272,3 +272,8 @@ def test_quick_study_writes_the_table(tmp_path):
     assert "| sentencepiece | healed | mid-token |" in text and "| bytes | naive | aligned |" in text
     results = json.loads((tmp_path / "results.json").read_text())
     assert {r["model"] for r in results["rows"]} == set(study_lib.MODELS)
+    from tests.train_lib.conftest import run_cli
+    out = run_cli([f"--workdir={tmp_path / 'sentencepiece'}", "--prompt=这本书的内", "--prompt=质量很",
+                   "--max_new_tokens=3"], module="train_lib.text.continuation", devices=1)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.count("  naive:  这本书的内|") == 1 and out.stdout.count("  healed: 质量很|") == 1
