@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from scipy import integrate, special
+from scipy import integrate
 
 from models import vmf
 
@@ -45,7 +45,7 @@ def test_kl_to_uniform_equals_quadrature(dim, kappa):
     kl = integrate.quad(lambda x: math.exp(kappa * (x - 1) + log_base(x)) / z_f
                         * (kappa * (x - 1) - math.log(z_f) + math.log(z_u)), -1, 1, limit=200)[0]
     assert vmf.kl_to_uniform(dim, kappa) == pytest.approx(kl, rel=1e-6)
-    assert vmf.kl_to_uniform(dim, 0.0) == 0.0 and special.ive(1, 1.0) > 0
+    assert vmf.kl_to_uniform(dim, 0.0) == 0.0
 
 
 def test_gradient_reaches_the_mean_direction_and_bad_arguments_raise():

@@ -248,7 +248,10 @@ class _Encoded:
     def __len__(self):
         return len(self._records)
 
-    def __getitem__(self, i, segmentation_rng=None):
+    def __getitem__(self, i):
+        return self.example(i)
+
+    def example(self, i, segmentation_rng=None):
         record = self._records[i]
         return self._task.encode(record["text"], self._index[record["label"]], segmentation_rng)
 
@@ -256,4 +259,4 @@ class _Encoded:
 def _sampled(examples: _Encoded, seed: int, index: int, record: int):
     """Training example `index` of the endless stream (record `record`), its segmentation drawn from (seed, index):
     every epoch differs, and a resumed run draws the same."""
-    return examples.__getitem__(int(record), np.random.default_rng([seed, int(index)]))
+    return examples.example(int(record), np.random.default_rng([seed, int(index)]))

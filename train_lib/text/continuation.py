@@ -70,6 +70,17 @@ def cuts_of(text: str, *, k: int, max_chars: int) -> range:
     return range(1, min(len(text) - k, max_chars) + 1)
 
 
+def heals(tokenizer) -> bool:
+    """Whether healing can change anything: not for bytes, where only the removed byte itself extends it."""
+    return tokenizer.kind != "bytes"
+
+
+def cut_prompts(tokenizer, texts, *, k: int, max_chars: int) -> list[tuple[int, int, list[int]]]:
+    """(text index, cut, `[CLS]` + the ids of the text before the cut) for every cut of every text."""
+    return [(i, c, [tokenizer.cls_id] + tokenizer.encode(text[:c])) for i, text in enumerate(texts)
+            for c in cuts_of(text, k=k, max_chars=max_chars)]
+
+
 def max_new_tokens(tokenizer, k: int, heal: bool) -> int:
     """Decoding steps that surely hold k characters: 4 bytes a character, or a piece each (+1: the healed token)."""
     return k * (4 if tokenizer.kind == "bytes" else 1) + (1 if heal else 0)
@@ -77,9 +88,8 @@ def max_new_tokens(tokenizer, k: int, heal: bool) -> int:
 
 def longest_sequence(tokenizer, texts, *, k: int, max_chars: int) -> int:
     """The most positions a prompt ([CLS] included) and its greedy continuation take."""
-    heal = tokenizer.kind != "bytes"
     return max(1 + len(tokenizer.encode(text[:min(len(text) - k, max_chars)])) for text in texts) + max_new_tokens(
-        tokenizer, k, heal)
+        tokenizer, k, heals(tokenizer))
 
 
 def _boundaries(tokenizer, text: str) -> set[int]:
@@ -145,8 +155,7 @@ def next_char_probabilities(task, params, texts, *, k: int, max_chars: int, batc
         raise ConfigError(f"{COMMAND}: tokenizer kind {tok.kind!r}; this measures 'bytes' and 'sentencepiece' models")
     healer = decoding.TokenHealer(tok.token_bytes())
     forward = _forward(task, "ends")
-    prompts = [(i, c, [tok.cls_id] + tok.encode(text[:c])) for i, text in enumerate(texts)
-               for c in cuts_of(text, k=k, max_chars=max_chars)]
+    prompts = cut_prompts(tok, texts, k=k, max_chars=max_chars)
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         tokens, lengths = _right_pad([p for _, _, p in chunk], tok.pad_id)
@@ -213,11 +222,10 @@ def continue_prompts(task, params, prompts: list[list[int]], *, max_new: int, he
 def greedy_continuations(task, params, texts, *, k: int, max_chars: int, batch_size: int, heal: bool):
     """{(text index, cut): the first k characters greedy decoding writes (after the removed text, healed)}."""
     tok = task.tokenizer
-    cuts = [(i, c) for i, text in enumerate(texts) for c in cuts_of(text, k=k, max_chars=max_chars)]
-    prompts = [[tok.cls_id] + tok.encode(texts[i][:c]) for i, c in cuts]
-    written = continue_prompts(task, params, prompts, max_new=max_new_tokens(tok, k, heal), heal=heal,
-                               batch_size=batch_size)
-    return {cut: text[:k] for cut, text in zip(cuts, written)}
+    prompts = cut_prompts(tok, texts, k=k, max_chars=max_chars)
+    written = continue_prompts(task, params, [p for _, _, p in prompts], max_new=max_new_tokens(tok, k, heal),
+                               heal=heal, batch_size=batch_size)
+    return {(i, c): text[:k] for (i, c, _), text in zip(prompts, written)}
 
 
 def greedy_matches(task, params, texts, *, k: int, max_chars: int, batch_size: int, heal: bool):
@@ -238,7 +246,7 @@ def evaluate(task, params, texts, *, k: int, max_chars: int, batch_size: int, bo
         for c in cuts_of(text, k=k, max_chars=max_chars):
             kinds[(i, c)] = "aligned" if c in bounds else "mid-token"
     probs = next_char_probabilities(task, params, texts, k=k, max_chars=max_chars, batch_size=batch_size)
-    methods = ["naive"] + (["healed"] if task.tokenizer.kind != "bytes" else [])
+    methods = ["naive"] + (["healed"] if heals(task.tokenizer) else [])
     written = {m: greedy_continuations(task, params, texts, k=k, max_chars=max_chars, batch_size=batch_size,
                                        heal=m == "healed") for m in methods}
     seconds = time.perf_counter() - start
@@ -283,7 +291,7 @@ def main(argv: list[str]) -> None:
             naive = continue_prompts(run.task, run.params, prompts, max_new=f.max_new_tokens, heal=False,
                                      batch_size=len(prompts))
             healed = (continue_prompts(run.task, run.params, prompts, max_new=f.max_new_tokens + 1, heal=True,
-                                       batch_size=len(prompts)) if tok.kind == "sentencepiece" else naive)
+                                       batch_size=len(prompts)) if heals(tok) else naive)
             for text, a, b in zip(f.prompt, naive, healed):
                 print(f"{text!r}\n  naive:  {text}|{a}\n  healed: {text}|{b}")
             return

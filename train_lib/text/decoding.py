@@ -31,8 +31,8 @@ import numpy as np
 from models import masks as masks_lib
 
 __all__ = ["AllowOnlyAtFirstStep", "CachedLM", "DecodeResult", "ForbidTokens", "TokenHealer",
-           "allow_only_at_first_step", "beam_search", "benchmark_decoding", "filter_logits", "forbid_tokens", "gnmt_length_penalty", "greedy",
-           "left_pad", "sample", "seq2seq_prefix"]
+           "allow_only_at_first_step", "beam_search", "benchmark_decoding", "filter_logits", "forbid_tokens",
+           "gnmt_length_penalty", "greedy", "left_pad", "sample", "seq2seq_prefix"]
 
 
 @dataclasses.dataclass(frozen=True)

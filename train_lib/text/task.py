@@ -103,7 +103,7 @@ def _trained_sentencepiece(vocab_size: int, num_unused: int, corpus_texts) -> to
         if tokenizer is not None and tokenizer.fingerprint == cached.get("fingerprint"):
             return tokenizer
     tokenizer = tokenizer_lib.train_sentencepiece(texts, vocab_size=vocab_size, num_unused=num_unused)
-    corpora.write_cache("sentencepiece", key, {"model": base64.b64encode(tokenizer._proto).decode("ascii"),
+    corpora.write_cache("sentencepiece", key, {"model": base64.b64encode(tokenizer.model_proto).decode("ascii"),
                                                "fingerprint": tokenizer.fingerprint})
     return tokenizer
 

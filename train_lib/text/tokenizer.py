@@ -386,6 +386,11 @@ class SentencePieceTokenizer(Tokenizer):
         self._max_piece = max(map(len, self._lattice))
         self._unk_score = min(s for i, s in enumerate(scores) if self._normal[i]) - _UNK_PENALTY
 
+    @property
+    def model_proto(self) -> bytes:
+        """The serialised sentencepiece ModelProto (what `save` writes and the constructor takes)."""
+        return self._proto
+
     def __getstate__(self):  # grain's worker processes rebuild the processor from the model's bytes
         return {"_proto": self._proto}
 

@@ -117,7 +117,7 @@ def test_models_it_cannot_reproduce_are_refused(tmp_path):
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
-    proto.ParseFromString(small_tokenizer()._proto)
+    proto.ParseFromString(small_tokenizer().model_proto)
     proto.normalizer_spec.add_dummy_prefix = True
     proto.trainer_spec.byte_fallback = True
     path = tmp_path / "dummy_prefix.model"
